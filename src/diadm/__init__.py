@@ -28,7 +28,20 @@ _EXPORTS = {
     "DiADMModule": "diadm.training",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "DiADMModule",
+    "DiADMPipeline",
+    "ExactIndex",
+    "FeatureConditionedUNet",
+    "IRSCallback",
+    "IRSEstimate",
+    "IRSResult",
+    "ImageRetrievalScore",
+    "__version__",
+    "estimate_irs",
+    "image_retrieval_score",
+    "nearest_neighbors",
+]
 
 if TYPE_CHECKING:
     from diadm.callback import IRSCallback

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diadm {args.command}: interrupted", file=sys.stderr)  # noqa: T201
         return 130
-    except Exception as err:  # noqa: BLE001 - the command line reports every failure as exit 1
+    except Exception as err:  # the command line reports every failure as exit 1
         print(f"diadm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)  # noqa: T201
         return 1
 

@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Models: the feature-conditioned UNet wrapper."""

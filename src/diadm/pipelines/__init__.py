@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pipelines: sampling DiADM models with any diffusers scheduler."""

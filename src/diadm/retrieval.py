@@ -130,24 +130,24 @@ def _search_settings(num_threads: int | None, use_faiss: bool) -> Iterator[None]
     precision = torch.get_float32_matmul_precision()
     torch_threads = torch.get_num_threads()
     faiss_threads = None
+    if num_threads is not None and use_faiss:
+        import faiss
+
+        # read before torch changes it: torch and faiss may share one OpenMP runtime
+        faiss_threads = faiss.omp_get_max_threads()
     try:
         torch.set_float32_matmul_precision("highest")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
             if use_faiss:
-                import faiss
-
-                faiss_threads = faiss.omp_get_max_threads()
                 faiss.omp_set_num_threads(num_threads)
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
+        if faiss_threads is not None:
+            faiss.omp_set_num_threads(faiss_threads)
         if num_threads is not None:
             torch.set_num_threads(torch_threads)
-        if faiss_threads is not None:
-            import faiss
-
-            faiss.omp_set_num_threads(faiss_threads)
+        torch.set_float32_matmul_precision(precision)
 
 
 class ExactIndex:

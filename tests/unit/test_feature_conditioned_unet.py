@@ -282,3 +282,27 @@ def test_bad_constructor_arguments_raise(unet):
         FeatureConditionedUNet(unet_config=config, feature_dim=FEATURE_DIM, condition_dropout=1.5)
     with pytest.raises(ValueError, match=re.escape("`unet_config` must describe an unconditional UNet2DModel")):
         FeatureConditionedUNet(unet_config={**config, "num_class_embeds": 3}, feature_dim=FEATURE_DIM)
+
+
+def test_precomputed_embedding_mixes_conditional_and_null_rows(unet):
+    model = FeatureConditionedUNet.from_unet(unet, feature_dim=FEATURE_DIM, condition_dropout=0.5)
+    randomize_condition(model)
+    sample = torch.randn(2, 3, 8, 8)
+    features = torch.randn(2, FEATURE_DIM)
+    with torch.no_grad():
+        mixed = torch.cat([model.condition_embedding(features[:1], 1), model.condition_embedding(None, 1)])
+        expected = torch.cat([model(sample[:1], 9, features[:1]).sample, model(sample[1:], 9).sample])
+        model.train()  # a precomputed embedding is used as it is, without condition dropout
+        actual = model(sample, 9, embedding=mixed).sample
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_bad_precomputed_embedding_raises(unet):
+    model = FeatureConditionedUNet.from_unet(unet, feature_dim=FEATURE_DIM)
+    sample = torch.randn(2, 3, 8, 8)
+    with pytest.raises(
+        ValueError, match=re.escape("`embedding` must have shape (2, 32) (batch, embedding width), got (1, 32)")
+    ):
+        model(sample, 1, embedding=torch.zeros(1, 32))
+    with pytest.raises(ValueError, match=re.escape("Pass `features` or a precomputed `embedding`, not both.")):
+        model(sample, 1, torch.ones(2, FEATURE_DIM), embedding=torch.zeros(2, 32))

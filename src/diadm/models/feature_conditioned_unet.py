@@ -221,6 +221,8 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
         timestep: Tensor | float | int,
         features: Tensor | None = None,
         return_dict: bool = True,
+        *,
+        embedding: Tensor | None = None,
     ) -> UNet2DOutput | tuple:
         """Predict with the wrapped UNet, conditioned on `features`.
 
@@ -229,15 +231,29 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
             timestep: The timestep, a scalar or one per sample.
             features: Raw feature vectors of shape (batch or 1, feature_dim); None selects the unconditional path.
             return_dict: Whether to return a `UNet2DOutput` rather than a one-element tuple.
+            embedding: A precomputed `condition_embedding` of shape (batch, embedding width), used as it is (no
+                condition dropout) instead of `features`. Samplers compute it once rather than at every step, and
+                can mix conditional and null rows in one batch.
 
         Returns:
             A `UNet2DOutput` (or tuple) holding the prediction of the wrapped UNet, shaped like `sample`.
 
         Raises:
             TypeError: If `features` is not a floating tensor.
-            ValueError: If `features` has the wrong shape, non-finite values or all-zero rows.
+            ValueError: If `features` has the wrong shape, non-finite values or all-zero rows, if `embedding` does
+                not have shape (batch, embedding width), or if both `features` and `embedding` are given.
         """
         batch_size = sample.shape[0]
+        if embedding is not None:
+            if features is not None:
+                raise ValueError("Pass `features` or a precomputed `embedding`, not both.")
+            expected = (batch_size, self.null_embedding.shape[0])
+            if tuple(embedding.shape) != expected:
+                raise ValueError(
+                    f"`embedding` must have shape {expected} (batch, embedding width), got {tuple(embedding.shape)};"
+                    " compute it with `condition_embedding(features, batch_size)`."
+                )
+            return self.unet(sample, timestep, class_labels=embedding, return_dict=return_dict)
         embedding = self.condition_embedding(features, batch_size)
         probability = float(self.config["condition_dropout"])
         if self.training and features is not None and probability > 0.0:

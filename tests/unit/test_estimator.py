@@ -198,22 +198,26 @@ def test_bounds_match_exact_brute_force(n_train, n, alpha_e):
         np.testing.assert_allclose(got, (lower, s_hat, upper), rtol=1e-12, err_msg=f"k={k}")
 
 
-@pytest.mark.parametrize("n_learned", [2_000, 3_500, 4_500, 4_990])
-def test_tail_window_matches_full_sum(n_learned):
+@pytest.mark.parametrize(
+    ("n_train", "n_learned"),
+    [(20_000, 2_000), (20_000, 3_500), (20_000, 4_500), (20_000, 4_990), (1_000_000, 4_990), (5_000, 3_100)],
+)
+def test_tail_window_matches_full_sum(n_train, n_learned):
     # The windowed tail sums against sums over every j in [1, n], n = 5000, at s from k to N_train.
-    n_train, n = 20_000, 5_000
+    n = 5_000
     s_hat = _mle(n_train, n, n_learned)
     tails = _TailSums(n_train, n, n_learned, s_hat)
     s = np.unique(np.linspace(n_learned, n_train, 40).round().astype(np.int64))
     j = np.arange(1, n + 1)
-    log_pmf = _log_stirling2(n, j)[None, :] + gammaln(s[:, None] + 1.0) - n * np.log(s[:, None])
-    log_pmf = log_pmf - gammaln(np.maximum(s[:, None] - j[None, :], 0) + 1.0)
+    log_falling = gammaln(s[:, None] + 1.0) - gammaln(np.maximum(s[:, None] - j[None, :], 0) + 1.0)
+    log_pmf = _log_stirling2(n, j)[None, :] + log_falling - n * np.log(s[:, None])
     log_pmf = np.where(j[None, :] <= s[:, None], log_pmf, -np.inf)
     full_cdf = np.logaddexp.reduce(log_pmf[:, :n_learned], axis=1)
     full_sf = np.logaddexp.reduce(log_pmf[:, n_learned - 1 :], axis=1)
     above, below = s >= s_hat, s <= s_hat  # the ranges each search explores
-    np.testing.assert_allclose(tails.log_cdf(s[above]), full_cdf[above], rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(tails.log_sf(s[below]), full_sf[below], rtol=1e-10, atol=1e-10)
+    # atol: lgamma(s + 1) reaches 1.3e7 at s = 1e6, whose float64 spacing is 1.9e-9; the window itself drops < 1e-13.
+    np.testing.assert_allclose(tails.log_cdf(s[above]), full_cdf[above], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(tails.log_sf(s[below]), full_sf[below], rtol=0, atol=1e-8)
 
 
 # ---------------------------------------------------------------- edge cases
@@ -231,11 +235,11 @@ EDGE_CASES = [  # (n_train, n, k) -> (irs_inf, lower, upper)
 
 
 @pytest.mark.parametrize(("args", "expected"), [c[1:] for c in EDGE_CASES], ids=[c[0] for c in EDGE_CASES])
-def test_edge_cases_answer(args, expected):
+def test_edge_cases_answer(args, expected, record_property):
     start = time.perf_counter()
     est = estimate_irs(*args)
-    elapsed = time.perf_counter() - start  # goal: under a second (not asserted: shared CI machines)
-    print(f"{args}: {elapsed * 1e3:.1f} ms")  # noqa: T201
+    # Goal: under a second (measured 0.2 to 50 ms); recorded, not asserted, as CI machines are shared.
+    record_property("seconds", time.perf_counter() - start)
     got = (est.irs_inf, est.irs_inf_lower, est.irs_inf_upper)
     for value, want in zip(got, expected, strict=True):
         if want is not None:

@@ -182,6 +182,21 @@ def test_mle_matches_float64_argmax():
             assert _mle(n_train, n, k) == expected, (n, k)
 
 
+@pytest.mark.parametrize(
+    ("n_train", "n", "k"),
+    [(1_000_000, 1_000, 999), (1_000_000, 50_000, 48_470), (200_000, 1_000, 997), (10_000_000, 1_000_000, 951_000)],
+)
+def test_mle_matches_high_precision_argmax(n_train, n, k):
+    # Where the likelihood is flat, float64 lgamma differences (values ~1e7 to 1e8) cannot rank neighbouring s, so
+    # the reference is a 50-digit mpmath evaluation of f(s) around our s_hat.
+    mpmath = pytest.importorskip("mpmath")
+    s_hat = _mle(n_train, n, k)
+    with mpmath.workdps(50):
+        window = range(max(k, s_hat - 25), min(n_train, s_hat + 25) + 1)
+        f = {s: mpmath.loggamma(s + 1) - mpmath.loggamma(s - k + 1) - n * mpmath.log(s) for s in window}
+    assert max(f, key=f.get) == s_hat
+
+
 BRUTE_FORCE = [(n_train, n) for n_train in (1, 5, 30, 60) for n in (1, 2, 9, 25, 40) if n_train <= 60]
 
 

@@ -95,16 +95,19 @@ def main() -> None:
     inputs = grid()
     for triple in inputs:  # warm caches (the exact Stirling rows, scipy's first calls)
         estimate_irs(*triple)
-    passes = []
+    passes, cpu_passes = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for triple in inputs:
             estimate_irs(*triple)
         passes.append(time.perf_counter() - start)
+        cpu_passes.append(time.process_time() - cpu_start)
     ours = min(passes)
+    # CPU time as well as wall time: on a shared machine the wall time mostly measures the neighbours.
     print(
-        f"estimate_irs, {len(inputs)} inputs (n up to {max(N_SAMPLES):,}): best {ours * 1e3:.1f} ms, median"
-        f" {sorted(passes)[len(passes) // 2] * 1e3:.1f} ms of {args.repeats} passes (goal < 100 ms)"
+        f"estimate_irs, {len(inputs)} inputs (n up to {max(N_SAMPLES):,}): wall best {ours * 1e3:.1f} ms, median"
+        f" {sorted(passes)[len(passes) // 2] * 1e3:.1f} ms; CPU best {min(cpu_passes) * 1e3:.1f} ms;"
+        f" {args.repeats} passes (goal < 100 ms)"
     )
 
     start = time.perf_counter()

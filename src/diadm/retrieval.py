@@ -82,9 +82,10 @@ def validate_features(name: str, features: Any) -> Tensor:
             f"`{name}` must hold at least one image with at least one feature, got shape {tuple(tensor.shape)}."
         )
     tensor = tensor.to(torch.float32)
-    finite_rows = torch.isfinite(tensor).all(dim=1)
-    if not bool(finite_rows.all()):
-        bad = (~finite_rows).nonzero().flatten()
+    # NaN and inf survive a row sum, so only rows with a non-finite sum (or an overflowing one) need a closer look
+    suspects = (~torch.isfinite(tensor.sum(dim=1, dtype=torch.float64))).nonzero().flatten()
+    bad = suspects[~torch.isfinite(tensor[suspects]).all(dim=1)]
+    if bad.numel() > 0:
         raise ValueError(
             f"`{name}` must contain only finite values, got NaN or infinite values in {bad.numel()} of"
             f" {tensor.shape[0]} rows (first at row {int(bad[0])}); drop or repair those images."
@@ -117,6 +118,11 @@ def _block_shape(num_queries: int, num_reference: int, max_memory_bytes: int) ->
         return query_block, num_reference
     query_block = max(1, min(num_queries, math.isqrt(budget)))
     return query_block, max(1, min(num_reference, budget // query_block))
+
+
+def _squared_norms(features: Tensor) -> Tensor:
+    """Squared L2 norm of every row, without a temporary of the size of `features`."""
+    return torch.linalg.vector_norm(features, dim=1).square()
 
 
 def _ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
@@ -292,7 +298,7 @@ class ExactIndex:
     def _norms(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._on_device:
             reference = self._reference.to(device)
-            self._on_device[device] = (reference, reference.square().sum(dim=1))
+            self._on_device[device] = (reference, _squared_norms(reference))
         return self._on_device[device]
 
     def _build_faiss(self) -> Any:
@@ -308,7 +314,7 @@ class ExactIndex:
     def _tolerance(self, queries: Tensor) -> Tensor:
         """Bound on the float32 rounding error of one computed squared distance, per query."""
         scale = _ROUNDING_FACTOR * math.sqrt(self.num_features) * _FLOAT32_EPS
-        return scale * (queries.square().sum(dim=1) + self._max_sq_norm)
+        return scale * (_squared_norms(queries) + self._max_sq_norm)
 
     def _torch_top2(self, queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Best and second-best `|r|^2 - 2 q.r` (the squared distance less `|q|^2`) and the best index per query."""
@@ -353,7 +359,7 @@ class ExactIndex:
             if k > 1:
                 second[start:stop] = distances[:, 1]
         # faiss returns full squared distances; subtract |q|^2 to share the torch path's scale
-        sq_norms = queries.square().sum(dim=1)
+        sq_norms = _squared_norms(queries)
         return best - sq_norms, indices, second - sq_norms
 
     def _rerank(self, queries: Tensor, threshold: Tensor) -> Tensor:
@@ -400,10 +406,11 @@ class ExactIndex:
         """Float64 squared distance of every query to its chosen reference row, rounded to float32."""
         reference = self._norms(queries.device)[0]
         distances = torch.empty(queries.shape[0], dtype=torch.float32, device=queries.device)
-        rows = max(1, self.max_memory_bytes // (16 * self.num_features))
+        # one float64 difference block plus the float32 gathered rows
+        rows = max(1, self.max_memory_bytes // (12 * self.num_features))
         for start, stop in _ranges(queries.shape[0], rows):
-            difference = queries[start:stop].double() - reference[indices[start:stop]].double()
-            distances[start:stop] = difference.square().sum(dim=1).float()
+            difference = queries[start:stop].double().sub_(reference[indices[start:stop]])
+            distances[start:stop] = difference.square_().sum(dim=1).float()
         return distances
 
 

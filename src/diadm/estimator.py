@@ -360,9 +360,11 @@ def estimate_irs(n_train: int, n_samples: int, n_learned: int, alpha_e: float = 
             not a real number in (0, 0.5).
 
     Note:
-        Tail sums keep the terms within eight standard deviations of `K` (at most 2.7 sqrt(n)) plus 32 of the
-        count and the mode, so an estimate takes about a millisecond for 50,000 queries and well under a second for
-        ten million; the neglected mass is below 1e-13 of the tail.
+        `[irs_inf_lower, irs_inf_upper]` covers the true share with probability at least `1 - 2 alpha_e` (90 % by
+        default; the discrete bounds are conservative). With a single query (`n == 1`) the likelihood is flat and
+        the `k == n` rule gives `irs_inf = 1`. Tail sums keep the terms within eight standard deviations of `K`
+        (at most 2.7 sqrt(n)) plus 32 of the count and the mode, dropping a mass of about e^-32 of a normal tail;
+        the work therefore grows like sqrt(n): about 1 ms of CPU for 50,000 queries, 18 ms for ten million.
 
     Example:
         >>> est = estimate_irs(7465, 1277, 692)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
+
+from diadm.features.weights import WeightsFile, load_state_dict, resolve_weights
 
 # Luma weights of ITU-R BT.601, the ones PIL's "L" conversion uses.
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -335,3 +339,112 @@ def extractor_fingerprint(extractor: nn.Module | Callable[..., Any]) -> str:
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "features"
     return f"{safe_name}-{digest[:24]}"
+
+
+class PretrainedFeatures(FeatureExtractor):
+    """Shared machinery of the extractors built on a published network: weights, memory format and precision.
+
+    A subclass gives the network, the published `weights_file`, `adapt_state_dict` (key renames of the published
+    checkpoint), `preprocess` (resize and normalisation of images in [0, 1]) and `features` (the forward pass up to
+    the pooled features).
+
+    Args:
+        network: The network, with random weights.
+        weights: A local path to the weights file, or None to use the torch hub cache (see `diadm.features.weights`).
+        pretrained: Whether to load the published weights; False keeps the random weights (for tests and timing).
+        download: Whether a missing file may be downloaded: True, False, or None for "unless `HF_HUB_OFFLINE` or
+            `DIADM_OFFLINE` is set".
+        sha256: The SHA-256 (or its start) the weights file must have instead of the published one, for a
+            checkpoint of the same architecture made elsewhere.
+        channels_last: Whether to run the convolutions in channels-last memory format (faster with oneDNN on CPU
+            and with cuDNN on GPU; the features agree with the default format to float32 rounding).
+        autocast_dtype: A dtype such as `torch.bfloat16` to run the network under `torch.autocast`, or None for
+            float32 throughout. Lower precision moves the features (see the benchmark) and is meant for a GPU.
+
+    Raises:
+        ValueError: If `weights` or `sha256` is given with `pretrained=False`, or the checkpoint does not fit the
+            network, or its SHA-256 does not match.
+        FileNotFoundError: If the weights file is neither given, nor cached, nor downloadable.
+    """
+
+    weights_file: WeightsFile
+
+    def __init__(
+        self,
+        network: nn.Module,
+        weights: str | os.PathLike | None = None,
+        *,
+        pretrained: bool = True,
+        download: bool | None = None,
+        sha256: str | None = None,
+        channels_last: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not pretrained and (weights is not None or sha256 is not None):
+            raise ValueError(
+                f"`weights` and `sha256` select a weights file, so they need `pretrained=True`; got weights={weights!r}"
+                f" and sha256={sha256!r} with `pretrained=False`."
+            )
+        if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+            raise TypeError(f"`autocast_dtype` must be a torch.dtype or None, got {type(autocast_dtype).__name__}.")
+        self.network = network
+        self.pretrained = bool(pretrained)
+        self.channels_last = bool(channels_last)
+        self.autocast_dtype = autocast_dtype
+        self.weights_path: Path | None = None
+        self._sha256: str | None = None
+        if self.pretrained:
+            path, self._sha256 = resolve_weights(self.weights_file, weights, download=download, sha256=sha256)
+            self._load(path)
+            self.weights_path = path
+        network.requires_grad_(False)
+        network.eval()
+        if self.channels_last:
+            network.to(memory_format=torch.channels_last)
+
+    def _load(self, path: Path) -> None:
+        state = self.adapt_state_dict(load_state_dict(path, self.name))
+        expected = self.network.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"`{self.name}` weights file {str(path)!r} must hold the weights of {type(self.network).__name__},"
+                f" got {len(missing)} missing keys {missing[:4]} and {len(unexpected)} unexpected keys"
+                f" {unexpected[:4]}; pass the published file {self.weights_file.url}."
+            )
+        try:
+            self.network.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"`{self.name}` weights file {str(path)!r} does not fit the network: {err}") from err
+
+    def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rename or drop keys of the published checkpoint so that they match `self.network`."""
+        return state
+
+    def preprocess(self, imgs: Tensor) -> Tensor:
+        """Map checked images in [0, 1] to the network's input (resize, channels, normalisation)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `preprocess(imgs)`.")
+
+    def features(self, inputs: Tensor) -> Tensor:
+        """Run the network on preprocessed inputs and return the pooled (N, num_features) features."""
+        return self.network(inputs)
+
+    @override
+    def extract(self, imgs: Tensor) -> Tensor:
+        inputs = self.preprocess(imgs)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            return self.features(inputs)
+        with torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype):
+            return self.features(inputs).float()
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"autocast_dtype": str(self.autocast_dtype) if self.autocast_dtype else None}
+
+    @override
+    def weights_sha256(self) -> str | None:
+        return self._sha256 if self.pretrained else "random:" + _state_digest(self.network)

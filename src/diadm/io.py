@@ -438,7 +438,7 @@ def _progress(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
-def _hash_files(files: Sequence[Path], num_threads: int, skip_bad: bool, progress: bool) -> list[str | None]:
+def _hash_files(files: Sequence[Path], num_threads: int, skip_bad: bool, progress: bool, desc: str) -> list[str | None]:
     """SHA-256 of every file, in parallel threads (hashlib releases the GIL); None for unreadable files."""
 
     def digest(path: Path) -> str | None:
@@ -449,7 +449,7 @@ def _hash_files(files: Sequence[Path], num_threads: int, skip_bad: bool, progres
                 return None
             raise UnreadableFileError(path, f"{type(err).__name__}: {err}") from err
 
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool, _progress(len(files), "hashing", progress) as bar:
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool, _progress(len(files), desc, progress) as bar:
         digests = []
         for value in pool.map(digest, files):
             digests.append(value)
@@ -472,6 +472,7 @@ def extract_features(
     progress: bool = True,
     desc: str = "features",
     content_id: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> "Extraction":
     """Extract features of image files or of an image tensor, in batches, caching finished chunks.
 
@@ -490,9 +491,11 @@ def extract_features(
         progress: Show progress bars on stderr.
         desc: The label of the progress bar.
         content_id: For a tensor `items`, a fingerprint of the array it came from (computed when None).
+        dtype: The floating dtype the features are stored in, in the cache and in the result; `torch.float16`
+            halves their memory and disk size (relative rounding error below 5e-4).
 
     Returns:
-        An `Extraction`: float32 features (n_kept, D) on the CPU, the positions in `items` of their rows, the
+        An `Extraction`: features (n_kept, D) of `dtype` on the CPU, the positions in `items` of their rows, the
         files that were skipped, how many images came from the cache, and (when the files were hashed, that is
         with a cache) the fingerprint of their contents, equal to `fingerprint(items)`.
 
@@ -506,6 +509,8 @@ def extract_features(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be a floating torch dtype, got {dtype!r}.")
     if cache is not None and extractor_id is None:
         raise ValueError("`extractor_id` is required with `cache`; pass `extractor_fingerprint(extractor)`.")
     device = torch.device(device)
@@ -524,11 +529,13 @@ def extract_features(
         array_id = content_id or fingerprint(items)  # type: ignore[arg-type]
         chunks = [list(range(start, min(start + chunk_size, count))) for start in range(0, count, chunk_size)]
         keys = [
-            FeatureCache.key(_CACHE_VERSION, "array", array_id, f"{c[0]}:{c[-1] + 1}", extractor_id, str(image_size))
+            FeatureCache.key(
+                _CACHE_VERSION, "array", array_id, f"{c[0]}:{c[-1] + 1}", extractor_id, str(image_size), str(dtype)
+            )
             for c in chunks
         ]
     else:
-        digests = _hash_files(files, num_workers or 1, skip_bad, progress)
+        digests = _hash_files(files, num_workers or 1, skip_bad, progress, f"{desc} (hashing)")
         if all(digests):
             # The same value as `fingerprint(files)`, without reading the files twice.
             content_sha256 = combine_digests(digests)  # type: ignore[arg-type]
@@ -536,7 +543,12 @@ def extract_features(
         chunks = _content_chunks(digests, chunk_size)
         keys = [
             FeatureCache.key(
-                _CACHE_VERSION, "files", *(digests[i] or "" for i in chunk), str(extractor_id), str(image_size)
+                _CACHE_VERSION,
+                "files",
+                *(digests[i] or "" for i in chunk),
+                str(extractor_id),
+                str(image_size),
+                str(dtype),
             )
             for chunk in chunks
         ]
@@ -599,7 +611,7 @@ def extract_features(
                 rows.update({index: None for index, image, _ in batch if image is None})
                 bar.update(len(batch))
                 if len(rows) == len(chunks[number]):
-                    results[number] = _assemble(chunks[number], pending.pop(number), width)
+                    results[number] = _assemble(chunks[number], pending.pop(number), width).to(dtype)
                     if cache is not None and keys[number] is not None:
                         cache.put(keys[number], results[number])  # type: ignore[arg-type]
 

@@ -407,3 +407,22 @@ def test_argument_errors(tmp_path: Path, rng: np.random.Generator) -> None:
         ImageFileDataset(files, image_size=2.0)
     with pytest.raises(ValueError, match=re.escape("must end in one of .npy, .npz, .pt, .pth")):
         load_array(tmp_path / "a.png")
+
+
+def test_float16_storage(tmp_path: Path, rng: np.random.Generator) -> None:
+    for i in range(3):
+        _write(tmp_path / "imgs" / f"{i}.png", _rgb(rng))
+    files = find_images(tmp_path / "imgs")
+    cache = FeatureCache(tmp_path / "cache")
+    full = extract_features(files, CountingPixels(), cache=cache, extractor_id="e", progress=False)
+    half = extract_features(files, CountingPixels(), cache=cache, extractor_id="e", progress=False, dtype=torch.float16)
+    assert half.num_cached == 0  # the dtype is part of the key
+    assert half.features.dtype == torch.float16
+    torch.testing.assert_close(half.features, full.features.half(), rtol=0, atol=0)
+    again = extract_features(
+        files, CountingPixels(), cache=cache, extractor_id="e", progress=False, dtype=torch.float16
+    )
+    assert again.num_cached == 3
+    assert again.features.dtype == torch.float16
+    with pytest.raises(TypeError, match=re.escape("`dtype` must be a floating torch dtype, got torch.int32.")):
+        extract_features(files, CountingPixels(), dtype=torch.int32)

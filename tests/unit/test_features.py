@@ -536,3 +536,46 @@ def test_inception_matches_torch_fidelity(inception_checkpoint):
     expected = reference(imgs)[0]
     # Same weights, same resize; channels-last convolutions differ from torch-fidelity's by float32 rounding.
     torch.testing.assert_close(_inception(path)(imgs), expected, rtol=1e-5, atol=1e-6)
+
+
+def _pool_reference(x: np.ndarray, kind: str) -> np.ndarray:
+    """3 x 3, stride 1, padding 1 pooling in float64: mean over the valid neighbours only, or max."""
+    h, w = x.shape[-2:]
+    out = np.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            window = x[:, :, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
+            out[:, :, i, j] = window.mean(axis=(2, 3)) if kind == "mean" else window.max(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fid_block", "torchvision_block", "args", "pool"),
+    [
+        ("FIDInceptionA", "InceptionA", (8, 4), "mean"),
+        ("FIDInceptionC", "InceptionC", (8, 4), "mean"),
+        ("FIDInceptionE", "InceptionE", (8,), "mean"),
+        ("FIDInceptionEMaxPool", "InceptionE", (8,), "max"),
+    ],
+    ids=["A", "C", "E", "E-max"],
+)
+def test_fid_blocks_differ_from_torchvision_only_in_the_pool_branch(fid_block, torchvision_block, args, pool):
+    from torchvision.models import inception as tv_inception
+
+    import diadm.features.inception as inception_module
+
+    block = getattr(inception_module, fid_block)(*args).eval()
+    reference = getattr(tv_inception, torchvision_block)(*args).eval()
+    _randomise_batch_norm(block)
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        out, expected = block(x), reference(x)
+        width = block.branch_pool.conv.out_channels
+        # The FID graph's pool (no padding in the mean, or a max pool) fed to the same 1 x 1 convolution.
+        pooled = torch.from_numpy(_pool_reference(x.double().numpy(), pool)).float()
+        expected_pool = block.branch_pool(pooled)
+    torch.testing.assert_close(out[:, :-width], expected[:, :-width], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, -width:], expected_pool, rtol=1e-5, atol=1e-5)
+    # torchvision's pool counts the zero padding: the border outputs must differ, or the test proves nothing.
+    assert not torch.allclose(out[:, -width:], expected[:, -width:], atol=1e-3)

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         ValueError: If `MODEL_DIR` is not a directory, or as `DiADMPipeline.__call__` does.
     """
     import diffusers
+    from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
     from diadm.pipelines.pipeline_diadm import DiADMPipeline
 
@@ -80,13 +82,14 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=args.num_images, desc="diadm sample", unit="image") as progress:
         while written < args.num_images:
             batch_size = min(args.batch_size, args.num_images - written)
-            images = pipeline(
+            output = pipeline(
                 batch_size=batch_size,
                 generator=generator,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 output_type="pil",
-            ).images
+            )
+            images = cast(ImagePipelineOutput, output).images
             for image in images:
                 image.save(args.out / f"{written:06d}.png")
                 written += 1

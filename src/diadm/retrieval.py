@@ -83,7 +83,7 @@ def validate_features(name: str, features: Any) -> Tensor:
         )
     tensor = tensor.to(torch.float32)
     # NaN and inf survive a row sum, so only rows with a non-finite sum (or an overflowing one) need a closer look
-    suspects = (~torch.isfinite(tensor.sum(dim=1, dtype=torch.float64))).nonzero().flatten()
+    suspects = (~torch.isfinite(tensor.sum(dim=1))).nonzero().flatten()
     bad = suspects[~torch.isfinite(tensor[suspects]).all(dim=1)]
     if bad.numel() > 0:
         raise ValueError(
@@ -169,8 +169,9 @@ class ExactIndex:
     second-best candidate; a query whose two distances lie within float32 rounding of each other (duplicate reference
     rows, or near-ties) is re-ranked in float64 over every reference row that could be its nearest, and a tie is
     resolved to the lowest reference index. Hence both backends return the same index for every query, and duplicates
-    always go to their first copy. Returned distances are recomputed in float64 for the chosen pair and rounded to
-    float32, so they do not depend on the backend either.
+    always go to their first copy. Returned distances are recomputed for the chosen pair as a float32 sum of squared
+    differences (relative error about 1e-6, free of the cancellation of the matrix-product form), so they do not
+    depend on the backend either.
 
     Memory: one distance block of the torch path holds at most `max_memory_bytes` (queries and, if needed, the
     reference are split into blocks); it never allocates `num_queries x num_reference` at once.
@@ -368,7 +369,8 @@ class ExactIndex:
         num_queries = queries.shape[0]
         best_distance = torch.full((num_queries,), math.inf, dtype=torch.float64, device=queries.device)
         best_index = torch.full((num_queries,), self.num_reference, dtype=torch.int64, device=queries.device)
-        query_block, reference_block = _block_shape(num_queries, self.num_reference, self.max_memory_bytes)
+        # a third of the budget per block: when most rows tie, the mask and the (query, row) pairs add 17 bytes each
+        query_block, reference_block = _block_shape(num_queries, self.num_reference, self.max_memory_bytes // 3)
         pair_block = max(1, self.max_memory_bytes // (16 * self.num_features))
         for q_start, q_stop in _ranges(num_queries, query_block):
             block_queries = queries[q_start:q_stop]
@@ -403,14 +405,14 @@ class ExactIndex:
         best_index[improves] = batch_index[improves]
 
     def _exact_distances(self, queries: Tensor, indices: Tensor) -> Tensor:
-        """Float64 squared distance of every query to its chosen reference row, rounded to float32."""
+        """Squared distance of every query to its chosen reference row, as a direct sum of squared differences."""
         reference = self._norms(queries.device)[0]
         distances = torch.empty(queries.shape[0], dtype=torch.float32, device=queries.device)
-        # one float64 difference block plus the float32 gathered rows
-        rows = max(1, self.max_memory_bytes // (12 * self.num_features))
+        # small blocks stay in the allocator's cache; float32 suffices, as no cancellation happens in this form
+        rows = max(1, min(self.max_memory_bytes, 2**21) // (8 * self.num_features))
         for start, stop in _ranges(queries.shape[0], rows):
-            difference = queries[start:stop].double().sub_(reference[indices[start:stop]])
-            distances[start:stop] = difference.square_().sum(dim=1).float()
+            difference = queries[start:stop] - reference[indices[start:stop]]
+            distances[start:stop] = difference.square_().sum(dim=1)
         return distances
 
 

@@ -296,3 +296,12 @@ def test_bad_components_raise():
         DiADMPipeline(model, DDIMScheduler(), feature_bank=torch.full((2, FEATURE_DIM), float("inf")))
     with pytest.raises(TypeError, match=re.escape("`feature_bank` must be a floating tensor")):
         DiADMPipeline(model, DDIMScheduler(), feature_bank=torch.ones(2, FEATURE_DIM, dtype=torch.int32))
+
+
+def test_assigned_feature_bank_is_checked_and_stored_as_float32():
+    pipeline = make_pipeline("ddim")
+    pipeline.feature_bank = torch.ones(3, FEATURE_DIM, dtype=torch.float64)
+    assert pipeline.feature_bank.dtype == torch.float32
+    assert pipeline.feature_bank.shape == (3, FEATURE_DIM)
+    with pytest.raises(ValueError, match=re.escape("`feature_bank` rows must have a non-zero L2 norm")):
+        pipeline.feature_bank = torch.zeros(3, FEATURE_DIM)

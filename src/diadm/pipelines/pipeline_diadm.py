@@ -111,13 +111,25 @@ class DiADMPipeline(DiffusionPipeline):
                 "`vqvae` must be a diffusers autoencoder (VQModel or AutoencoderKL) or None, got"
                 f" {type(vqvae).__name__}."
             )
-        if feature_bank is not None:
-            num_rows = feature_bank.shape[0] if isinstance(feature_bank, Tensor) and feature_bank.ndim == 2 else 1
-            _check_features("feature_bank", feature_bank, unet.config["feature_dim"], max(num_rows, 1))
-            feature_bank = feature_bank.detach().to(device="cpu", dtype=torch.float32).contiguous()
         self.register_modules(unet=unet, scheduler=scheduler, vqvae=vqvae)
         self.feature_bank = feature_bank
         self.set_progress_bar_config(desc="DiADM sampling")
+
+    @property
+    def feature_bank(self) -> Tensor | None:
+        """The training features sampled from, float32 on the CPU, shape (N_bank, feature_dim), or None.
+
+        Assigning a new bank checks it as the constructor does.
+        """
+        return self._feature_bank
+
+    @feature_bank.setter
+    def feature_bank(self, feature_bank: Tensor | None) -> None:
+        if feature_bank is not None:
+            num_rows = feature_bank.shape[0] if isinstance(feature_bank, Tensor) and feature_bank.ndim == 2 else 1
+            _check_features("feature_bank", feature_bank, self.unet.config["feature_dim"], max(num_rows, 1))
+            feature_bank = feature_bank.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self._feature_bank = feature_bank
 
     @override
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

@@ -30,6 +30,11 @@ class IRSResult:
             (num_synthetic,), on the CPU.
         retrieval_counts: How many synthetic queries retrieved each training image, int64, shape (num_train,), on
             the CPU; it sums to num_synthetic, and its non-zero entries number `synthetic.n_learned`.
+
+    Note:
+        `==` between two results raises `RuntimeError`, because the generated comparison meets tensor fields
+        (whose truth value is ambiguous). Compare the estimates and floats with `==` and the tensors with
+        `torch.equal`.
     """
 
     synthetic: IRSEstimate

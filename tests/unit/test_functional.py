@@ -133,6 +133,15 @@ def test_result_is_frozen(features):
         result.num_subsets = 3
 
 
+def test_result_equality_is_unsupported_as_documented(features):
+    train, synthetic, _ = features
+    first, second = image_retrieval_score(train, synthetic), image_retrieval_score(train, synthetic)
+    with pytest.raises(RuntimeError, match=re.escape("Boolean value of Tensor with more than one value is ambiguous")):
+        _ = first == second
+    assert first.synthetic == second.synthetic
+    assert torch.equal(first.retrieval_counts, second.retrieval_counts)
+
+
 def test_split_train_for_test(rng):
     train = rng.standard_normal((11, 3)).astype(np.float32)
     reference, held_out = split_train_for_test(train, seed=5)

@@ -217,3 +217,28 @@ def test_width_mismatch_names_both_shapes():
         index.search(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match=re.escape("`reference` must contain only finite values")):
         nearest_neighbors(np.ones((2, 3), np.float32), np.full((2, 3), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_near_tie_below_float32_resolution_is_decided_exactly(backend):
+    # row 1 is nearer than row 0 by 0.12 in 4e6 (3e-8 relative, below float32 resolution): lowest index would be wrong
+    row = np.full(4, 1000.0, dtype=np.float32)
+    nearer = row.copy()
+    nearer[3] = np.nextafter(np.float32(1000.0), np.float32(0.0))
+    reference = np.stack([row, nearer, row + 5.0])
+    indices, _ = nearest_neighbors(np.zeros((3, 4), np.float32), reference, backend=backend)
+    assert indices.tolist() == [1, 1, 1]
+    assert brute_force(np.zeros((1, 4), np.float32), reference)[0].tolist() == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_queries_match_cpu(rng):
+    queries, reference = data_with_duplicates(rng)
+    on_cpu = nearest_neighbors(queries, reference, backend="torch")
+    on_cuda = nearest_neighbors(torch.from_numpy(queries).cuda(), torch.from_numpy(reference).cuda())
+    assert on_cuda[0].device.type == "cuda"
+    torch.testing.assert_close(on_cuda[0].cpu(), on_cpu[0], rtol=0, atol=0)
+    # a CPU index searched with CUDA queries runs on the torch path, on the queries' device
+    index = ExactIndex(reference)
+    assert index.backend_for("cuda") == "torch"
+    torch.testing.assert_close(index.search(torch.from_numpy(queries).cuda())[0].cpu(), on_cpu[0], rtol=0, atol=0)

@@ -16,6 +16,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 SEED = 1234
 
+# Tiny test networks run faster on one thread than on two, and parallel test workers must not oversubscribe.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def seed_everything() -> int:

@@ -67,7 +67,7 @@ def to_unit_float(imgs: Any, name: str = "imgs") -> Tensor:
         )
     imgs = imgs.to(torch.float32)
     if imgs.numel() > 0:
-        low, high = imgs.min().item(), imgs.max().item()
+        low, high = (value.item() for value in torch.aminmax(imgs))
         # NaN fails both comparisons, so it is reported here too.
         if not (low >= 0.0 and high <= 1.0):
             raise ValueError(
@@ -128,6 +128,16 @@ class FeatureExtractor(nn.Module):
         name: The registry name of the extractor (for messages and cache keys).
         num_features: The width of the output, or None while it depends on the first batch (only `PixelFeatures`
             without `size` or `grayscale`).
+
+    Example:
+        >>> import torch
+        >>> class MeanColour(FeatureExtractor):
+        ...     name, num_features = "mean_colour", 1
+        ...     def extract(self, imgs):
+        ...         return imgs.mean(dim=(1, 2, 3)).unsqueeze(1)
+        >>> MeanColour()(torch.full((2, 1, 4, 4), 51, dtype=torch.uint8))
+        tensor([[0.2000],
+                [0.2000]])
     """
 
     name: str = "feature_extractor"
@@ -153,14 +163,19 @@ class FeatureExtractor(nn.Module):
         return {}
 
     def weights_sha256(self) -> str | None:
-        """The SHA-256 of the loaded weights file, "random" for random weights, or None when no weights are used."""
+        """The SHA-256 of the weights, for `extractor_fingerprint`.
+
+        Returns:
+            The digest of the loaded weights file, `"random:<digest of the parameters>"` for random weights, or
+            None when the extractor has no weights.
+        """
         return None
 
     def _device(self) -> torch.device | None:
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
+        for parameter in self.parameters():
+            return parameter.device
+        for buffer in self.buffers():
+            return buffer.device
         return None
 
     @override
@@ -362,9 +377,21 @@ class PretrainedFeatures(FeatureExtractor):
             float32 throughout. Lower precision moves the features (see the benchmark) and is meant for a GPU.
 
     Raises:
+        TypeError: If `autocast_dtype` is not a torch.dtype.
         ValueError: If `weights` or `sha256` is given with `pretrained=False`, or the checkpoint does not fit the
             network, or its SHA-256 does not match.
         FileNotFoundError: If the weights file is neither given, nor cached, nor downloadable.
+
+    Example:
+        >>> import torch
+        >>> class TinyFeatures(PretrainedFeatures):
+        ...     name, num_features = "tiny", 4
+        ...     weights_file = WeightsFile("tiny", "https://example.invalid/tiny-00ff.pt", ("tiny-00ff.pt",))
+        ...     def preprocess(self, imgs):
+        ...         return imgs * 2 - 1
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        >>> TinyFeatures(net, pretrained=False)(torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 4])
     """
 
     weights_file: WeightsFile

@@ -169,8 +169,8 @@ class InceptionFeatures(PretrainedFeatures):
     Example:
         >>> import torch
         >>> extractor = InceptionFeatures(pretrained=False)  # random weights: no file needed
-        >>> extractor(torch.zeros(1, 3, 16, 16, dtype=torch.uint8)).shape
-        torch.Size([1, 2048])
+        >>> extractor.num_features, tuple(extractor.preprocess(torch.zeros(1, 1, 16, 16)).shape)
+        (2048, (1, 3, 299, 299))
     """
 
     name = "inception"

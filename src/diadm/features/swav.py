@@ -102,6 +102,8 @@ class SwAVFeatures(PretrainedFeatures):
         self.size = size
         self.center_crop = bool(center_crop)
         self.num_features = 2048
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

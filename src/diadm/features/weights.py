@@ -117,6 +117,8 @@ def check_sha256(path: Path, spec: WeightsFile, expected: str | None = None) -> 
         checks.append((spec.sha256.lower(), "published SHA-256"))
     elif spec.sha256_prefix:
         checks.append((spec.sha256_prefix.lower(), "SHA-256 prefix of the published file name"))
+    if not checks:
+        log.info("`%s` weights %s have no published digest; their SHA-256 is %s", spec.extractor, path, digest)
     for want, what in checks:
         if not digest.startswith(want):
             raise ValueError(

@@ -8,8 +8,9 @@ copies, and both would look plausible image by image; only coverage tells them a
 
 `diadm.image_retrieval_score` retrieves the nearest training image of every sample, estimates how many training
 images the generator can produce (IRS_inf), and divides by the same estimate for the held-out real images, which
-removes the "measurement gap" of the feature space (real data never reaches IRS_inf = 1 either). The collapsed
-generator's adjusted score comes out near 4/12, the full generator's near 1.
+removes the "measurement gap" of the feature space (real data never reaches IRS_inf = 1 either). At the default
+sizes the full generator's adjusted score is 0.95 and the collapsed one's 0.42: its four modes hold a third of the
+training set, and even inside them it reaches fewer training images than real data does.
 
 Run it (a few seconds on a CPU):
 

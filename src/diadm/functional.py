@@ -125,8 +125,8 @@ def image_retrieval_score(
         An `IRSResult`.
 
     Raises:
-        TypeError: If a feature set is not a floating-point tensor or array, `seed` is not an integer, or `index`
-            is not an `ExactIndex`.
+        TypeError: If a feature set is not a floating-point tensor or array, `seed` or `max_memory_bytes` is not an
+            integer, or `index` is not an `ExactIndex`.
         ValueError: If a feature set is not 2-D, is empty or holds NaN/inf, the feature widths differ, `index` does
             not match `train_features` in size, or `alpha_e` or a retrieval option is out of range.
 

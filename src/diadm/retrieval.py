@@ -96,18 +96,16 @@ def validate_features(name: str, features: Any) -> Tensor:
 def _check_options(backend: Any, max_memory_bytes: Any, num_threads: Any) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-    if isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, int) or max_memory_bytes < 1:
-        raise ValueError(
-            f"`max_memory_bytes` must be a positive integer number of bytes, got {max_memory_bytes!r}"
-            f" ({type(max_memory_bytes).__name__}); the default is {DEFAULT_MAX_MEMORY_BYTES}."
-        )
-    if num_threads is not None and (
-        isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    for name, value, default in (
+        ("max_memory_bytes", max_memory_bytes, f"the default is {DEFAULT_MAX_MEMORY_BYTES}"),
+        ("num_threads", num_threads, "None keeps the current setting"),
     ):
-        raise ValueError(
-            f"`num_threads` must be None (keep the current setting) or a positive integer, got {num_threads!r}"
-            f" ({type(num_threads).__name__})."
-        )
+        if value is None and name == "num_threads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be a positive integer, got {value!r} ({type(value).__name__}); {default}.")
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}; {default}.")
 
 
 def _block_shape(num_queries: int, num_reference: int, max_memory_bytes: int) -> tuple[int, int]:
@@ -185,16 +183,23 @@ class ExactIndex:
             thread counts are restored after every search.
 
     Raises:
-        TypeError: If `reference` is not a floating-point tensor or array.
-        ValueError: If `reference` is malformed (see `validate_features`), or an option is out of range.
+        TypeError: If `reference` is not a floating-point tensor or array, or `max_memory_bytes` or `num_threads`
+            is not an integer.
+        ValueError: If `reference` is malformed (see `validate_features`), `backend` is unknown, or
+            `max_memory_bytes` or `num_threads` is below 1.
         ModuleNotFoundError: If `backend="faiss"` and faiss is not installed.
 
     Note:
-        The ambiguity test assumes that a float32 dot product of D terms errs by at most
-        8 sqrt(D) eps (|q|^2 + max |r|^2), which BLAS summation meets in practice by a wide margin; near-ties beyond
-        that are separated by a real distance difference larger than float32 can represent. The faiss backend keeps
-        its own float32 copy of the reference and uses a fixed working buffer of about 16 MiB regardless of
-        `max_memory_bytes`.
+        Which queries are re-ranked rests on a rounding model: a float32 distance computed by a matrix product errs
+        by at most 8 sqrt(D) eps32 (|q|^2 + max |r|^2). BLAS summation stays well inside it in practice (blocked
+        sums err like sqrt(D) eps32). A query whose two best float32 distances differ by more than four times the
+        bound is answered from the float32 ranking without re-ranking.
+
+    Note:
+        Memory beyond the block budget: the torch path keeps the reference as given (a float32 copy only when it
+        arrives in another dtype) plus its squared norms; the faiss backend keeps its own float32 copy of the
+        reference (num_reference x num_features x 4 bytes) and a fixed working buffer of about 16 MiB of its own,
+        whatever `max_memory_bytes` says.
 
     Example:
         >>> import torch
@@ -440,7 +445,7 @@ def nearest_neighbors(
         `(indices, distances)`: int64 nearest reference indices and float32 squared distances, both (num_queries,).
 
     Raises:
-        TypeError: If either input is not a floating-point tensor or array.
+        TypeError: If either input is not a floating-point tensor or array, or an integer option is not an integer.
         ValueError: If either input is malformed, their widths differ, or an option is out of range.
         ModuleNotFoundError: If `backend="faiss"` and faiss is not installed.
 

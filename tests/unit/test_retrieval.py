@@ -196,17 +196,26 @@ def test_validate_features_keeps_float32_tensor_without_copy():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"backend": "annoy"}, "`backend` must be one of ('auto', 'faiss', 'torch'), got 'annoy'."),
-        ({"max_memory_bytes": 0}, "`max_memory_bytes` must be a positive integer number of bytes, got 0 (int)"),
-        ({"max_memory_bytes": 1.5e6}, "got 1500000.0 (float)"),
-        ({"num_threads": 0}, "`num_threads` must be None (keep the current setting) or a positive integer, got 0"),
+        ({"backend": "annoy"}, ValueError, "`backend` must be one of ('auto', 'faiss', 'torch'), got 'annoy'."),
+        (
+            {"max_memory_bytes": 0},
+            ValueError,
+            "`max_memory_bytes` must be a positive integer, got 0; the default is 268435456.",
+        ),
+        (
+            {"max_memory_bytes": 1.5e6},
+            TypeError,
+            "`max_memory_bytes` must be a positive integer, got 1500000.0 (float)",
+        ),
+        ({"num_threads": 0}, ValueError, "`num_threads` must be a positive integer, got 0; None keeps the current"),
+        ({"num_threads": True}, TypeError, "`num_threads` must be a positive integer, got True (bool)"),
     ],
-    ids=["backend", "memory-zero", "memory-float", "threads"],
+    ids=["backend", "memory-zero", "memory-float", "threads-zero", "threads-bool"],
 )
-def test_option_errors(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_option_errors(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         ExactIndex(np.ones((2, 2), np.float32), **kwargs)
 
 

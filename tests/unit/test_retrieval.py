@@ -68,8 +68,8 @@ def test_tiny_memory_budget_equals_one_shot(rng):
     one_shot = ExactIndex(reference, backend="torch").search(queries)
     # 8 bytes per block element: 128 elements per block force both queries and reference to be split
     blocked = ExactIndex(reference, backend="torch", max_memory_bytes=1024).search(queries)
-    torch.testing.assert_close(blocked[0], one_shot[0], rtol=0, atol=0)
-    torch.testing.assert_close(blocked[1], one_shot[1], rtol=0, atol=0)
+    assert torch.equal(blocked[0], one_shot[0])
+    assert torch.equal(blocked[1], one_shot[1])
 
 
 @pytest.mark.skipif(not _imports.FAISS_AVAILABLE, reason="faiss is not installed")
@@ -92,7 +92,7 @@ def test_faiss_and_torch_agree_beyond_float32_rounding(rng):
     # the exact copies are ties broken to the lowest index on both
     np.testing.assert_array_equal(from_faiss[0][:100].numpy(), np.arange(100))
     np.testing.assert_array_equal(from_torch[0][:100].numpy(), np.arange(100))
-    torch.testing.assert_close(from_faiss[1], from_torch[1], rtol=0, atol=0)
+    assert torch.equal(from_faiss[1], from_torch[1])
 
 
 def test_single_reference_row_and_single_query():
@@ -246,8 +246,8 @@ def test_cuda_queries_match_cpu(rng):
     on_cpu = nearest_neighbors(queries, reference, backend="torch")
     on_cuda = nearest_neighbors(torch.from_numpy(queries).cuda(), torch.from_numpy(reference).cuda())
     assert on_cuda[0].device.type == "cuda"
-    torch.testing.assert_close(on_cuda[0].cpu(), on_cpu[0], rtol=0, atol=0)
+    assert torch.equal(on_cuda[0].cpu(), on_cpu[0])
     # a CPU index searched with CUDA queries runs on the torch path, on the queries' device
     index = ExactIndex(reference)
     assert index.backend_for("cuda") == "torch"
-    torch.testing.assert_close(index.search(torch.from_numpy(queries).cuda())[0].cpu(), on_cpu[0], rtol=0, atol=0)
+    assert torch.equal(index.search(torch.from_numpy(queries).cuda())[0].cpu(), on_cpu[0])

@@ -283,7 +283,10 @@ def load_array(path: str | os.PathLike) -> Tensor:
 
 
 def load_feature_file(path: str | os.PathLike) -> Tensor:
-    """Load precomputed (N, D) features from a `.npy`, `.npz` or `.pt` file as float32.
+    """Load precomputed (N, D) features from a `.npy`, `.npz` or `.pt` file.
+
+    float16, bfloat16 and float32 features keep their dtype (a float16 file of 1.28 million 2048-d features stays
+    5 GiB in memory instead of 10); float64 is rounded to float32.
 
     Raises:
         UnreadableFileError: If the file cannot be read.
@@ -302,7 +305,8 @@ def load_feature_file(path: str | os.PathLike) -> Tensor:
             f"the features in {str(path)!r} must have shape (N, D) with N, D >= 1, got shape {tuple(features.shape)};"
             " if the file holds images, leave out `features=True` (`--features`)."
         )
-    features = features.to(torch.float32)
+    if features.dtype == torch.float64:
+        features = features.to(torch.float32)
     if not torch.isfinite(features).all():
         raise ValueError(f"the features in {str(path)!r} hold NaN or infinite values; recompute them.")
     return features
@@ -617,28 +621,29 @@ def extract_features(
 
     # 4. Put the chunks together in input order, dropping unreadable files.
     kept: list[int] = []
-    rows_out: list[Tensor] = []
+    blocks: list[Tensor] = []
     for number, chunk in enumerate(chunks):
         block = results[number]
         bad = torch.isnan(block).any(dim=1) if block.numel() else torch.ones(len(chunk), dtype=torch.bool)
-        for row, index in enumerate(chunk):
-            if bad[row]:
-                skipped.setdefault(index, "the file could not be decoded as an image")
-                if not skip_bad:
-                    raise UnreadableFileError(files[index] if files else f"row {index}", skipped[index])
-            else:
-                kept.append(index)
-                rows_out.append(block[row])
-    if not rows_out:
+        for row in bad.nonzero().flatten().tolist():
+            index = chunk[row]
+            skipped.setdefault(index, "the file could not be decoded as an image")
+            if not skip_bad:
+                raise UnreadableFileError(files[index] if files else f"row {index}", skipped[index])
+        good = ~bad
+        kept.extend(torch.tensor(chunk)[good].tolist())
+        blocks.append(block[good])
+    blocks = [block for block in blocks if len(block)]
+    if not blocks:
         raise ValueError(f"none of the {count} input images could be read; see the skipped files for the reasons.")
-    widths = {int(row.shape[0]) for row in rows_out}
+    widths = {int(block.shape[1]) for block in blocks}
     if len(widths) > 1:
         raise ValueError(
             f"cached and new features have different widths ({sorted(widths)}); clear the feature cache folder."
         )
     names = [str(files[i]) if files else f"[{i}]" for i in sorted(skipped)]
     skipped_list = [SkippedFile(name, skipped[i]) for name, i in zip(names, sorted(skipped), strict=True)]
-    return Extraction(torch.stack(rows_out), kept, skipped_list, num_cached, content_sha256)
+    return Extraction(torch.cat(blocks), kept, skipped_list, num_cached, content_sha256)
 
 
 def _assemble(chunk: list[int], rows: dict[int, Tensor | None], width: int | None) -> Tensor:

@@ -212,36 +212,52 @@ def test_skip_bad_lists_file(data: dict[str, Path], capsys: pytest.CaptureFixtur
     _assert_matches(record, reference)
 
 
-def _error_cases(tmp: Path) -> list:
-    (tmp / "empty").mkdir()
-    _write_folder(tmp / "one", [np.zeros((SIZE, SIZE, 3), np.uint8)])
-    np.save(tmp / "f5.npy", np.ones((4, 5), np.float32))
-    np.save(tmp / "f6.npy", np.ones((4, 6), np.float32))
-    np.save(tmp / "ints.npy", np.ones((4, 6), np.uint8))
-    return [
-        (["missing", "{s}"], "`TRAIN` must be an existing folder or file, got '{t}/missing', which does not exist."),
-        (["{t}/empty", "{s}"], "holds no image files (.png, .jpg, .jpeg, .webp, searched recursively)"),
-        (["{t}/one", "{s}"], "`TRAIN` ('{t}/one') must hold at least 2 images, got 1;"),
-        (["{tr}", "{t}/one"], "`SYNTH` ('{t}/one') must hold at least 2 images, got 1;"),
-        (["{t}/f5.npy", "{t}/f6.npy", "--features"], "`SYNTH` has 6 features per image but `TRAIN` has 5"),
-        (["{t}/f5.npy", "{t}/f5.npy", "--features", "--test", "{t}/f6.npy"], "`--test` has 6 features per image"),
-        (["{t}/ints.npy", "{t}/f6.npy", "--features"], "an integer array usually holds images"),
-        (["{tr}", "{s}", "--features"], "`features=True` (`--features`) needs a .npy, .npz, .pt, .pth file"),
-        (["{t}/f5.npy", "{t}/f5.npy", "--features", "--weights", "{t}/f5.npy"], "`--weights` has no effect with"),
-        (["{tr}", "{s}", "--weights", "{t}/f5.npy"], "`pixels` features use no weights"),
-        (["{tr}", "{s}", "--device", "nonsense"], "`--device` must be cpu, cuda, cuda:N or auto, got 'nonsense'."),
-        (["{tr}", "{s}", "--test", "{t}/nope"], "`--test` must be an existing folder or file, got '{t}/nope'"),
-    ]
+ERROR_CASES = [
+    (["{t}/missing", "{s}"], "`TRAIN` must be an existing folder or file, got '{t}/missing', which does not exist."),
+    (["{t}/empty", "{s}"], "holds no image files (.png, .jpg, .jpeg, .webp, searched recursively)"),
+    (["{t}/one", "{s}"], "`TRAIN` ('{t}/one') must hold at least 2 images, got 1;"),
+    (["{tr}", "{t}/one"], "`SYNTH` ('{t}/one') must hold at least 2 images, got 1;"),
+    (["{t}/f5.npy", "{t}/f6.npy", "--features"], "`SYNTH` has 6 features per image but `TRAIN` has 5"),
+    (["{t}/f5.npy", "{t}/f5.npy", "--features", "--test", "{t}/f6.npy"], "`--test` has 6 features per image"),
+    (["{t}/ints.npy", "{t}/f6.npy", "--features"], "an integer array usually holds images"),
+    (["{tr}", "{s}", "--features"], "`features=True` (`--features`) needs a .npy, .npz, .pt, .pth file"),
+    (["{t}/f5.npy", "{t}/f5.npy", "--features", "--weights", "{t}/f5.npy"], "`--weights` has no effect with"),
+    (["{tr}", "{s}", "--weights", "{t}/f5.npy"], "`pixels` features use no weights"),
+    (["{tr}", "{s}", "--device", "nonsense"], "`--device` must be cpu, cuda, cuda:N or auto, got 'nonsense'."),
+    (["{tr}", "{s}", "--test", "{t}/nope"], "`--test` must be an existing folder or file, got '{t}/nope'"),
+]
+ERROR_IDS = [
+    "missing",
+    "empty",
+    "one-train",
+    "one-synthetic",
+    "widths",
+    "widths-test",
+    "int-features",
+    "features-folder",
+    "weights-features",
+    "weights-pixels",
+    "device",
+    "missing-test",
+]
 
 
-def test_bad_inputs_exit_2(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("argv", "message"), ERROR_CASES, ids=ERROR_IDS)
+def test_bad_inputs_exit_2(
+    data: dict[str, Path], tmp_path: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "empty").mkdir()
+    _write_folder(tmp_path / "one", [np.zeros((SIZE, SIZE, 3), np.uint8)])
+    np.save(tmp_path / "f5.npy", np.ones((4, 5), np.float32))
+    np.save(tmp_path / "f6.npy", np.ones((4, 6), np.float32))
+    np.save(tmp_path / "ints.npy", np.ones((4, 6), np.uint8))
     values = {"t": str(tmp_path), "s": str(data["synthetic"]), "tr": str(data["train"])}
-    for argv, message in _error_cases(tmp_path):
-        argv = [a.format(**values) if "{" in a else str(tmp_path / a) if a == "missing" else a for a in argv]
-        code = main(["score", *argv, "--feature", "pixels", "--no-progress", "--cache-dir", str(data["cache"])])
-        err = capsys.readouterr().err
-        assert (code, message.format(**values) in err) == (2, True), (argv, err)
-        assert err.startswith("diadm score: error: ")
+    argv = [a.format(**values) for a in argv]
+    code = main(["score", *argv, "--feature", "pixels", "--no-progress", "--cache-dir", str(data["cache"])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("diadm score: error: ")
+    assert message.format(**values) in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")

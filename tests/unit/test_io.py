@@ -302,6 +302,10 @@ def test_feature_files(tmp_path: Path, rng: np.random.Generator) -> None:
         torch.testing.assert_close(loaded.features, torch.from_numpy(features), rtol=0, atol=0)
         assert loaded.kind == "features"
         assert not loaded.has_images
+    np.save(tmp_path / "h.npy", features.astype(np.float16))
+    np.save(tmp_path / "d.npy", features.astype(np.float64))
+    assert load_feature_file(tmp_path / "h.npy").dtype == torch.float16
+    assert load_feature_file(tmp_path / "d.npy").dtype == torch.float32
     with pytest.raises(RuntimeError, match=re.escape("holds precomputed features, so its images cannot be shown")):
         loaded.images([0])
 

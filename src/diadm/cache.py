@@ -44,10 +44,10 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _array_digest(dtype_name: str, shape: tuple[int, ...], data: memoryview | np.ndarray) -> str:
+def _array_digest(dtype_name: str, shape: tuple[int, ...], data: np.ndarray) -> str:
     # The header makes equal bytes of a different dtype or shape hash differently.
     hasher = hashlib.sha256(f"array;{dtype_name};{','.join(map(str, shape))};".encode())
-    hasher.update(data)
+    hasher.update(data.data)
     return hasher.hexdigest()
 
 
@@ -106,7 +106,7 @@ def fingerprint(obj: torch.Tensor | np.ndarray | bytes | bytearray | memoryview 
             " pass `Path(...)` for a file, `[path, ...]` for files, or `text.encode()` for text."
         )
     if isinstance(obj, Sequence) and all(isinstance(item, str | os.PathLike) for item in obj):
-        return combine_digests([_file_digest(Path(item)) for item in obj])
+        return combine_digests([_file_digest(Path(item)) for item in obj])  # type: ignore[arg-type]
     raise TypeError(
         f"`fingerprint` takes a tensor, a NumPy array, bytes, a path or a sequence of paths, got {type(obj).__name__}."
     )

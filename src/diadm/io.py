@@ -140,7 +140,7 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"`folder` must be a directory of images, got {str(root)!r}, which is not a directory.")
-    found = []
+    found: list[Path] = []
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = [name for name in subdirs if not name.startswith(".")]
         found.extend(
@@ -534,7 +534,7 @@ def extract_features(
         chunks = [list(range(start, min(start + chunk_size, count))) for start in range(0, count, chunk_size)]
         keys = [
             FeatureCache.key(
-                _CACHE_VERSION, "array", array_id, f"{c[0]}:{c[-1] + 1}", extractor_id, str(image_size), str(dtype)
+                _CACHE_VERSION, "array", array_id, f"{c[0]}:{c[-1] + 1}", str(extractor_id), str(image_size), str(dtype)
             )
             for c in chunks
         ]
@@ -630,9 +630,8 @@ def extract_features(
             skipped.setdefault(index, "the file could not be decoded as an image")
             if not skip_bad:
                 raise UnreadableFileError(files[index] if files else f"row {index}", skipped[index])
-        good = ~bad
-        kept.extend(torch.tensor(chunk)[good].tolist())
-        blocks.append(block[good])
+        kept.extend(torch.tensor(chunk)[~bad].tolist())
+        blocks.append(block[~bad])
     blocks = [block for block in blocks if len(block)]
     if not blocks:
         raise ValueError(f"none of the {count} input images could be read; see the skipped files for the reasons.")

@@ -15,8 +15,8 @@ An input is one of:
 
 Images are decoded in a `torch.utils.data.DataLoader` (with workers when asked), converted to RGB (grayscale is
 repeated, an alpha channel is dropped), optionally resized, and fed to the feature extractor in batches. Images of
-different sizes are never padded: each batch is split by image size and the extractor (which resizes as it needs)
-runs once per size.
+different sizes are never padded: files are ordered by size (read from their headers) within each cache chunk, each
+batch is split by image size, and the extractor (which resizes as it needs) runs once per size.
 
 With a `FeatureCache`, features are stored in chunks of about `chunk_size` consecutive files, keyed by the SHA-256
 of the files' bytes, the extractor's fingerprint and the resize setting. Chunk boundaries are chosen from file
@@ -426,6 +426,20 @@ def _content_chunks(digests: Sequence[str | None], chunk_size: int) -> list[list
     return chunks
 
 
+def _image_sizes(files: Sequence[Path], num_threads: int) -> dict[Path, tuple[int, int]]:
+    """(width, height) of every image from its header only; (0, 0) for a file that cannot be opened."""
+
+    def size(path: Path) -> tuple[int, int]:
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except (OSError, ValueError, SyntaxError):
+            return (0, 0)
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        return dict(zip(files, pool.map(size, files), strict=True))
+
+
 class Extraction(NamedTuple):
     """What `extract_features` returns; see there."""
 
@@ -506,7 +520,7 @@ def extract_features(
     Raises:
         UnreadableFileError: If a file cannot be read and `skip_bad` is false.
         ValueError: If `cache` is given without `extractor_id`, a size or count is not positive, images of different
-            sizes give different feature widths, or every file was unreadable.
+            sizes give different feature widths, the extractor returns NaN or infinity, or every file was unreadable.
     """
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -574,9 +588,13 @@ def extract_features(
     # 3. Extract the missing chunks; each batch lies inside one chunk, and a chunk is stored once complete.
     batches: list[list[int]] = []
     batch_chunk: list[int] = []
+    # Files of mixed sizes are ordered by size within their chunk, so that a batch splits into few same-size groups.
+    sort_by_size = not is_array and image_size is None
+    sizes = _image_sizes([files[i] for n in todo for i in chunks[n]], num_workers or 1) if sort_by_size else {}
     for number in todo:
-        for start in range(0, len(chunks[number]), batch_size):
-            batches.append(chunks[number][start : start + batch_size])
+        order = sorted(chunks[number], key=lambda i: sizes[files[i]]) if sort_by_size else chunks[number]
+        for start in range(0, len(order), batch_size):
+            batches.append(order[start : start + batch_size])
             batch_chunk.append(number)
     if batches:
         transform = getattr(extractor, "transform", None)
@@ -605,6 +623,13 @@ def extract_features(
                 rows = pending.setdefault(number, {})
                 if good:
                     features = _extract_batch(extractor, [image for _, image in good], device)
+                    finite = torch.isfinite(features).all(dim=1)
+                    if not bool(finite.all()):
+                        first = good[int((~finite).nonzero()[0])][0]
+                        raise ValueError(
+                            f"the feature extractor returned NaN or infinite features for"
+                            f" {str(files[first]) if files else f'image {first}'}; check the extractor and its weights."
+                        )
                     if width is not None and features.shape[1] != width:
                         raise ValueError(
                             f"the extractor returned {features.shape[1]} features per image for some images and"

@@ -29,9 +29,11 @@ class CountingPixels:
 
     def __init__(self) -> None:
         self.seen = 0
+        self.calls = 0
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
         self.seen += imgs.shape[0]
+        self.calls += 1
         return imgs.float().flatten(1) / 255.0
 
 
@@ -40,6 +42,7 @@ class MeanColor(CountingPixels):
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
         self.seen += imgs.shape[0]
+        self.calls += 1
         return imgs.float().mean(dim=(2, 3)) / 255.0
 
 
@@ -430,3 +433,31 @@ def test_float16_storage(tmp_path: Path, rng: np.random.Generator) -> None:
     assert again.features.dtype == torch.float16
     with pytest.raises(TypeError, match=re.escape("`dtype` must be a floating torch dtype, got torch.int32.")):
         extract_features(files, CountingPixels(), dtype=torch.int32)
+
+
+def test_mixed_sizes_sorted_into_few_calls(tmp_path: Path, rng: np.random.Generator) -> None:
+    sizes = [4, 6, 4, 6, 4, 6]
+    arrays = [_rgb(rng, s) for s in sizes]
+    for i, array in enumerate(arrays):
+        _write(tmp_path / f"{i}.png", array)
+    extractor = MeanColor()
+    done = extract_features(find_images(tmp_path), extractor, batch_size=3, progress=False)
+    # Ordered by size, the batches are [4, 4, 4] and [6, 6, 6]: two calls instead of four groups in file order.
+    assert extractor.calls == 2
+    assert done.kept == list(range(6))
+    expected = torch.tensor(np.stack([a.reshape(-1, 3).mean(0) for a in arrays]) / 255.0, dtype=torch.float32)
+    torch.testing.assert_close(done.features, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_non_finite_features_are_an_error(tmp_path: Path, rng: np.random.Generator) -> None:
+    _write(tmp_path / "a.png", _rgb(rng))
+    _write(tmp_path / "b.png", _rgb(rng))
+
+    def broken(imgs: torch.Tensor) -> torch.Tensor:
+        out = imgs.float().flatten(1)
+        out[-1, 0] = float("nan")
+        return out
+
+    message = f"the feature extractor returned NaN or infinite features for {tmp_path / 'b.png'}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extract_features(find_images(tmp_path), broken, progress=False)

@@ -204,6 +204,7 @@ def test_skip_bad_lists_file(data: dict[str, Path], capsys: pytest.CaptureFixtur
     assert f"diadm score: UnreadableFileError: cannot read {str(bad)!r}" in err
     assert "`--skip-bad` on the command line" in err
     assert _score(data, "--skip-bad") == 0
+    assert "adjusted IRS: pass --test with held-out real images" in capsys.readouterr().out
     record = json.loads(data["json"].read_text())
     assert [item["path"] for item in record["skipped_files"]] == [str(bad)]
     assert record["skipped_files"][0]["set"] == "train"

@@ -213,6 +213,15 @@ def format_table(result: Any) -> str:
 
     Returns:
         Lines of text ending in a newline.
+
+    Example:
+        >>> from diadm.functional import image_retrieval_score
+        >>> train = torch.eye(4)
+        >>> print(format_table(image_retrieval_score(train, train[[0, 0, 1]])), end="")
+        queries     N_train        n        k IRS_alpha  IRS_inf  bounds
+        ----------------------------------------------------------------
+        synthetic         4        3        2    0.5000   0.5000  [0.5000, 1.0000]
+        adjusted IRS: pass --test with held-out real images
     """
     header = f"{'queries':<10} {'N_train':>8} {'n':>8} {'k':>8} {'IRS_alpha':>9} {'IRS_inf':>8}  bounds"
     lines = [header, "-" * len(header)]

@@ -36,7 +36,7 @@ from diadm.retrieval import ExactIndex
 
 log = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("sample_fn", "sample", "pipeline")
+SAMPLER_NAMES: tuple[Literal["sample_fn", "sample", "pipeline"], ...] = ("sample_fn", "sample", "pipeline")
 EVALUATE_ON = ("train_epoch_end", "validation_epoch_end")
 # Keys of a batch dict that hold the images, tried in this order by the default `batch_to_images`.
 _IMAGE_KEYS = ("images", "image", "pixel_values", "input")
@@ -221,6 +221,7 @@ class IRSCallback(Callback):
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from torch import nn
+        >>> real = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
         >>> class Generator(pl.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -230,18 +231,18 @@ class IRSCallback(Callback):
         ...     def configure_optimizers(self):
         ...         return torch.optim.SGD(self.parameters(), lr=0.1)
         ...     def train_dataloader(self):
-        ...         return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
-        ...     def sample(self, num_images, generator):
-        ...         noise = torch.rand(num_images, 1, 4, 4, generator=generator)
-        ...         return (noise + self.bias.detach()).clamp(0, 1)
-        >>> real = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-        >>> callback = IRSCallback(num_samples=32, feature="pixels", real_data=real, log_images=False)
+        ...         return torch.utils.data.DataLoader(real, batch_size=32)
+        ...     def sample(self, num_images, generator):  # reproduces a quarter of the training set
+        ...         return real[torch.randint(0, 16, (num_images,), generator=generator)]
+        >>> callback = IRSCallback(num_samples=32, feature="pixels", log_images=False)
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Generator())
         >>> entry = callback.history[-1]
-        >>> print(entry["global_step"], entry["num_samples"], entry["n_learned"])
-        2 32 ...
+        >>> print(entry["global_step"], entry["num_samples"], entry["n_learned"], round(entry["irs_inf"], 4))
+        2 32 16 0.2969
+        >>> print(sorted(trainer.callback_metrics)[:3])
+        ['irs/fid', 'irs/irs_alpha', 'irs/irs_inf']
     """
 
     def __init__(
@@ -386,6 +387,9 @@ class IRSCallback(Callback):
         if stage != "fit":
             return
         self._sampler_name, self._sampler = self._resolve_sampler(pl_module)
+        if self._extractor is None:
+            # Built here so that missing weights fail before any training time is spent.
+            self._extractor = get_feature_extractor(self.feature, **self.feature_kwargs)
         if self.log_images:
             image_loggers = [
                 logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger | WandbLogger)
@@ -466,7 +470,7 @@ class IRSCallback(Callback):
             from lightning.pytorch.callbacks import WeightAveraging
         except ImportError:  # Lightning < 2.5 has no weight averaging callback.
             return
-        callbacks = list(trainer.callbacks)
+        callbacks = list(getattr(trainer, "callbacks", []))
         averagers = [index for index, callback in enumerate(callbacks) if isinstance(callback, WeightAveraging)]
         if not averagers or self not in callbacks:
             return
@@ -540,7 +544,7 @@ class IRSCallback(Callback):
         """Build the extractor, the real and held-out features, the index and FID's real statistics once."""
         device = pl_module.device
         if self._extractor is None:
-            self._extractor = get_feature_extractor(self.feature, **self.feature_kwargs)
+            raise RuntimeError("`IRSCallback` evaluates during `fit` only; its `setup` builds the feature extractor.")
         if isinstance(self._extractor, nn.Module):
             self._extractor.to(device)
         if self._real_features is None:
@@ -599,6 +603,7 @@ class IRSCallback(Callback):
             content = hashlib.sha256(b"irs-callback-images;")
             for images in batches():
                 content.update(fingerprint(images).encode())
+            assert self._extractor is not None
             key = FeatureCache.key("irs-callback", content.hexdigest(), extractor_fingerprint(self._extractor))
             features = cached(self.cache, key, compute)
         if features.shape[0] == 0:
@@ -667,7 +672,7 @@ class IRSCallback(Callback):
         return torch.cat(images), torch.cat(features)
 
     def _sample_pipeline(self, pl_module: "pl.LightningModule", num_images: int, generator: torch.Generator) -> Tensor:
-        attribute = pl_module.pipeline
+        attribute: Any = getattr(pl_module, "pipeline")  # noqa: B009 (LightningModule types unknown attributes)
         pipeline = attribute() if callable(attribute) and not hasattr(attribute, "components") else attribute
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)
@@ -762,7 +767,8 @@ class IRSCallback(Callback):
                 for name in names:
                     image = (pictures[name].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                     logger.log_image(key=self.prefix + name, images=[image], step=step)
-                logger.log_metrics({self.prefix + "retrieval_counts": wandb.Histogram(counts.numpy())}, step=step)
+                histogram = wandb.Histogram(counts.tolist())
+                logger.log_metrics({self.prefix + "retrieval_counts": histogram}, step=step)  # type: ignore[dict-item]
             else:
                 self._warn_once(
                     f"logger-{type(logger).__name__}",

@@ -348,3 +348,24 @@ def test_subprocess_on_feature_files(tmp_path: Path, rng: np.random.Generator) -
     assert done.returncode == 0, done.stderr
     assert "IRS_alpha" in done.stdout
     _assert_matches(json.loads(out.read_text()), image_retrieval_score(train, synthetic))
+
+
+def test_weights_checksum_in_json(data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import diadm.features
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"pretend checkpoint")
+    seen = {}
+
+    def fake(name: str, *, weights: str | None = None) -> torch.nn.Module:
+        seen["weights"] = weights
+        return diadm.features.PixelFeatures()
+
+    monkeypatch.setattr(diadm.features, "get_feature_extractor", fake)
+    assert _score(data, "--weights", str(weights)) == 0
+    record = json.loads(data["json"].read_text())
+    assert seen["weights"] == str(weights)
+    assert record["extractor"]["weights"] == str(weights)
+    assert record["extractor"]["weights_sha256"] == hashlib.sha256(b"pretend checkpoint").hexdigest()

@@ -23,6 +23,10 @@ of the files' bytes, the extractor's fingerprint and the resize setting. Chunk b
 contents (a chunk ends after a file whose digest is 0 modulo `chunk_size`), so adding or removing a file
 invalidates only the chunk that holds it, and a chunk is written as soon as it is complete, so an interrupted
 run (Ctrl-C) keeps every finished chunk and the next run extracts only the rest.
+
+Limitations: an array file of images is read into memory whole (use a folder of image files for sets larger than
+memory); an alpha channel is dropped, not composited onto a background; changing one file re-extracts its whole
+chunk (about `chunk_size` files); the cache folder is never pruned (delete it to reclaim the space).
 """
 
 import csv
@@ -62,7 +66,13 @@ SourceKind = Literal["image_files", "image_array", "features"]
 
 
 class UnreadableFileError(OSError):
-    """An input file could not be read or decoded; `path` names it."""
+    """An input file could not be read or decoded; `path` names it.
+
+    Example:
+        >>> err = UnreadableFileError("a.png", "truncated")
+        >>> print(err.path, isinstance(err, OSError))
+        a.png True
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         super().__init__(
@@ -75,7 +85,12 @@ class UnreadableFileError(OSError):
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file (or an entry of an array file) left out because it could not be read."""
+    """A file (or an entry of an array file) left out because it could not be read.
+
+    Example:
+        >>> SkippedFile("imgs/bad.png", "UnidentifiedImageError: cannot identify image file")
+        SkippedFile(path='imgs/bad.png', reason='UnidentifiedImageError: cannot identify image file')
+    """
 
     path: str
     reason: str
@@ -93,6 +108,14 @@ class FeatureSet:
         skipped: Files left out because they could not be read (only with `skip_bad`).
         num_cached: How many images had their features read from the cache instead of extracted.
         content_sha256: A fingerprint of the input's content (the file bytes in order), when it was computed.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     np.save(f"{folder}/f.npy", np.ones((3, 2), np.float32))
+        ...     feature_set = load_feature_set(f"{folder}/f.npy", features=True)
+        >>> len(feature_set), feature_set.kind, feature_set.has_images
+        (3, 'features', False)
     """
 
     features: Tensor
@@ -441,7 +464,14 @@ def _image_sizes(files: Sequence[Path], num_threads: int) -> dict[Path, tuple[in
 
 
 class Extraction(NamedTuple):
-    """What `extract_features` returns; see there."""
+    """What `extract_features` returns; see there.
+
+    Example:
+        >>> done = extract_features(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), lambda x: x.float().flatten(1),
+        ...                         progress=False)
+        >>> tuple(done.features.shape), done.kept, done.skipped, done.num_cached
+        ((2, 12), [0, 1], [], 0)
+    """
 
     features: Tensor
     kept: list[int]

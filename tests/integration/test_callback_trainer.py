@@ -123,7 +123,6 @@ def irs_callback(**kwargs) -> IRSCallback:
     return IRSCallback(**kwargs)
 
 
-@pytest.mark.slow
 def test_tensorboard_scalars_images_and_histogram_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -301,7 +300,6 @@ def test_weights_scored_next_to_ema(tmp_path, evaluate_on, irs_first, scores):
     assert seen == [pytest.approx(expected, abs=1e-6)]
 
 
-@pytest.mark.slow
 def test_pipeline_sampling_leaves_training_unchanged(tmp_path):
     def run(with_callback: bool) -> list[float]:
         pl.seed_everything(3, verbose=False)

@@ -489,3 +489,13 @@ def test_weight_averaging_warning_when_raw_weights_will_be_scored(tmp_path):
         warnings.simplefilter("always")
         make_trainer(tmp_path, [quiet, EMAWeightAveraging()], limit_val_batches=0).fit(ToyGenerator(real_images()))
     assert not [w for w in record if "non-averaged" in str(w.message)]
+
+
+def test_missing_extractor_weights_fail_in_setup_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = ToyGenerator(real_images())
+    irs = IRSCallback(num_samples=4, feature="swav", real_data=real_images(), log_images=False)
+    with pytest.raises(FileNotFoundError, match=re.escape("`swav` weights not found")):
+        make_trainer(tmp_path, [irs]).fit(module)
+    assert module.losses == []

@@ -499,3 +499,51 @@ def test_missing_extractor_weights_fail_in_setup_before_training(tmp_path, monke
     with pytest.raises(FileNotFoundError, match=re.escape("`swav` weights not found")):
         make_trainer(tmp_path, [irs]).fit(module)
     assert module.losses == []
+
+
+def test_iterable_dataset_scores_but_skips_lookup_pictures(tmp_path):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from real_images()
+
+    recorder = Recorder(real_images())
+    irs = callback(log_images=True, real_data=DataLoader(Stream(), batch_size=8), sample_fn=recorder)
+    with pytest.warns(UserWarning, match=re.escape("(precomputed `real_features` or an IterableDataset)")):
+        make_trainer(tmp_path, [irs], logger=TensorBoardLogger(tmp_path)).fit(ToyGenerator(real_images()))
+    nearest = torch.cdist(torch.cat(recorder.returned).flatten(1), real_images().flatten(1)).argmin(dim=1)
+    assert irs.history[0]["n_learned"] == nearest.unique().numel()
+
+
+def test_validation_hook_evaluates_at_every_validation_run_of_a_selected_epoch(tmp_path):
+    class WithValidation(ToyGenerator):
+        def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+            pass
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(self.images), batch_size=4)  # 6 steps per epoch
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(self.images[:4]), batch_size=4)
+
+    irs = callback(real_data=real_images(), evaluate_on="validation_epoch_end", every_n_epochs=2, compute_fid=False)
+    make_trainer(tmp_path, [irs], max_epochs=2, val_check_interval=0.5).fit(WithValidation(real_images()))
+    # Epoch 0 is skipped; epoch 1 validates twice (steps 9 and 12), the sanity check never counts.
+    assert [(entry["epoch"], entry["global_step"]) for entry in irs.history] == [(1, 9), (1, 12)]
+    assert "irs_adjusted" in irs.history[0]  # the validation loader is the held-out set by default
+
+
+@pytest.mark.parametrize("kind", ["held_out_data", "held_out_features"])
+def test_held_out_given_as_an_argument(tmp_path, kind):
+    from diadm.functional import image_retrieval_score
+
+    real, held_out = real_images(), real_images(16, seed=3)
+    recorder = Recorder(real[:6])  # covers a quarter of the training set
+    value = held_out if kind == "held_out_data" else held_out.flatten(1)
+    irs = callback(real_data=real, sample_fn=recorder, compute_fid=False, **{kind: value})
+    make_trainer(tmp_path, [irs]).fit(ToyGenerator(real))
+    expected = image_retrieval_score(real.flatten(1), torch.cat(recorder.returned).flatten(1), held_out.flatten(1))
+    assert irs.history[0]["irs_adjusted"] == pytest.approx(expected.irs_adjusted, abs=1e-12)
+    assert irs.history[0]["irs_inf"] < 0.5  # the sampler covers a quarter of the training set
+    assert irs.history[0]["irs_adjusted"] == pytest.approx(irs.history[0]["irs_inf"] / expected.test.irs_inf)

@@ -195,12 +195,24 @@ class IRSCallback(Callback):
         num_images: Images per picture grid.
 
     Raises:
-        ValueError: In `__init__` if both intervals are given, an interval is not a positive integer,
-            `num_samples < 2`, `evaluate_on` or `sampler_order` is unknown, both a source and precomputed
-            features are given, `target_ci_width` is outside (0, 1], `max_samples < num_samples`, or
-            `max_samples` is given without `target_ci_width`. In `setup` if no sampling source in
+        ValueError: In `__init__` if both intervals are given, an interval, `sample_batch_size` or `num_images` is
+            not a positive integer, `num_samples < 2`, `evaluate_on` or `sampler_order` is unknown, both a source
+            and precomputed features are given, `target_ci_width` is outside (0, 1], `max_samples < num_samples`,
+            or `max_samples` is given without `target_ci_width`. In `setup` if no sampling source in
             `sampler_order` is available, or pictures are requested and no logger of the trainer can take them.
-        TypeError: In `__init__` if `sample_fn` or `batch_to_images` is not callable.
+            At the first evaluation if a real or held-out source holds no images; at any evaluation if images
+            (sampled or real) are not (N, C, H, W) with C in (1, 3) and values in [0, 1], or the sampler returns
+            another number of images than asked for.
+        TypeError: In `__init__` if `sample_fn` or `batch_to_images` is not callable or `prefix` is not a string.
+            At evaluation if images are not a uint8 or floating tensor, a real or held-out source is neither a
+            tensor, a Dataset nor a DataLoader, or `held_out_data="val"` meets something else than one or more
+            validation DataLoaders (the first is used).
+        FileNotFoundError: In `setup`, from `get_feature_extractor`, when a named extractor's weights are missing.
+
+    Note:
+        A configuration the arguments alone show to be wrong fails at construction; one that needs the trainer or
+        the module (no sampling source, no logger that takes pictures, missing extractor weights) fails in
+        `setup`, before the first training step.
 
     Note:
         Order relative to Lightning's weight averaging (`lightning.pytorch.callbacks.WeightAveraging`,
@@ -549,11 +561,6 @@ class IRSCallback(Callback):
             self._extractor.to(device)
         if self._real_features is None:
             source = self.real_data if self.real_data is not None else trainer.train_dataloader
-            if source is None:
-                raise RuntimeError(
-                    "`IRSCallback` found no training dataloader to take the real images from;"
-                    " pass `real_data=` or `real_features=`."
-                )
             self._real_features, self._real_lookup = self._features_of("real_data", source, device)
         if not self._held_out_resolved:
             source = self._val_dataloader(trainer) if isinstance(self.held_out_data, str) else self.held_out_data
@@ -595,7 +602,10 @@ class IRSCallback(Callback):
         batches, lookup = self._image_batches(name, source)
 
         def compute() -> Tensor:
-            return torch.cat([self._extract(_check_images(name, images), device).cpu() for images in batches()])
+            features = [self._extract(_check_images(name, images), device).cpu() for images in batches()]
+            if not features or sum(chunk.shape[0] for chunk in features) == 0:
+                raise ValueError(f"`{name}` holds no images; pass a non-empty image set.")
+            return torch.cat(features)
 
         if self.cache is None:
             features = compute()
@@ -606,8 +616,6 @@ class IRSCallback(Callback):
             assert self._extractor is not None
             key = FeatureCache.key("irs-callback", content.hexdigest(), extractor_fingerprint(self._extractor))
             features = cached(self.cache, key, compute)
-        if features.shape[0] == 0:
-            raise ValueError(f"`{name}` holds no images; pass a non-empty dataset.")
         return features.float(), lookup
 
     def _image_batches(
@@ -627,7 +635,8 @@ class IRSCallback(Callback):
             dataset, collate = source, default_collate
         else:
             raise TypeError(
-                f"`{name}` must be an image tensor, a Dataset or a DataLoader, got {type(source).__name__}."
+                f"`{name}` must be an image tensor, a Dataset or a DataLoader, got {type(source).__name__};"
+                " pass one, or precomputed features (`real_features=` / `held_out_features=`)."
             )
         # Index order, whatever sampler the loader uses, so position i of the features is dataset[i].
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]

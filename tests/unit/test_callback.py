@@ -547,3 +547,49 @@ def test_held_out_given_as_an_argument(tmp_path, kind):
     assert irs.history[0]["irs_adjusted"] == pytest.approx(expected.irs_adjusted, abs=1e-12)
     assert irs.history[0]["irs_inf"] < 0.5  # the sampler covers a quarter of the training set
     assert irs.history[0]["irs_adjusted"] == pytest.approx(irs.history[0]["irs_inf"] / expected.test.irs_inf)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"sample_fn": lambda module, num, generator: torch.rand(num + 1, 1, SIDE, SIDE, generator=generator)},
+            ValueError,
+            "The 'sample_fn' sampler must return 16 images, got 17.",
+        ),
+        (
+            {"real_data": [torch.zeros(1, SIDE, SIDE)]},
+            TypeError,
+            "`real_data` must be an image tensor, a Dataset or a DataLoader, got list; pass one, or precomputed",
+        ),
+        (
+            {"real_data": torch.zeros(0, 1, SIDE, SIDE)},
+            ValueError,
+            "`real_data` holds no images; pass a non-empty image set.",
+        ),
+        (
+            {"real_data": torch.full((2, 1, SIDE, SIDE), 2.0)},
+            ValueError,
+            "`real_data` must hold floats in [0, 1], got values in [2, 2];",
+        ),
+    ],
+    ids=["wrong-count", "list-source", "empty-source", "real-out-of-range"],
+)
+def test_evaluation_errors(tmp_path, kwargs, error, message):
+    kwargs.setdefault("real_data", real_images())
+    with pytest.raises(error, match=re.escape(message)):
+        make_trainer(tmp_path, [callback(**kwargs)]).fit(ToyGenerator(real_images()))
+
+
+def test_several_validation_loaders_need_an_explicit_held_out_set(tmp_path):
+    class TwoValidationSets(ToyGenerator):
+        def validation_step(self, batch: list[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+            pass
+
+        def val_dataloader(self) -> dict[str, DataLoader]:
+            return {"a": DataLoader(TensorDataset(self.images), batch_size=8)}
+
+    irs = callback(real_data=real_images(), compute_fid=False)
+    message = "`held_out_data='val'` needs one validation DataLoader, got dict; pass `held_out_data=`"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        make_trainer(tmp_path, [irs], num_sanity_val_steps=0).fit(TwoValidationSets(real_images()))

@@ -71,12 +71,12 @@ class DemoConfig:
     num_train: int = 1000
     num_held_out: int = 797
     num_steps: int = 2000
-    batch_size: int = 128
+    batch_size: int = 64
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     ema_decay: float = 0.995
     condition_dropout: float = 0.1
-    block_out_channels: tuple[int, ...] = (32, 64)
+    block_out_channels: tuple[int, ...] = (16, 32)
     num_train_timesteps: int = 1000
     num_inference_steps: int = 50
     eval_every: int = 400
@@ -494,7 +494,7 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool) -> DemoResult
             enable_checkpointing=False,
             enable_progress_bar=progress,
             enable_model_summary=False,
-            log_every_n_steps=max(1, min(50, config.num_steps // 4)),
+            log_every_n_steps=max(1, min(10, config.num_steps // 4)),
         )
         log.info("training %s for %d steps", name, config.num_steps)
         trainer.fit(module)

@@ -150,24 +150,43 @@ def _as_images(train_images: Any) -> Tensor:
     return images.cpu()
 
 
-def _load_pretrained(path: Path) -> tuple[nn.Module, SchedulerMixin | None, nn.Module | None]:
-    """Load a diffusers pipeline folder (with `model_index.json`) or a bare UNet folder (with `config.json`)."""
-    if (path / "model_index.json").is_file():
-        pipeline = DiffusionPipeline.from_pretrained(path)
-        unet = pipeline.components.get("unet")
-        autoencoder = pipeline.components.get("vqvae", pipeline.components.get("vae"))
-        return unet, pipeline.components.get("scheduler"), autoencoder
-    if (path / "config.json").is_file():
-        return UNet2DModel.from_pretrained(path), None, None
-    raise ValueError(
-        f"`pretrained` must be a diffusers pipeline folder (with model_index.json) or a UNet2DModel folder (with"
-        f" config.json), got {str(path)!r}, which holds neither; save one with `pipeline.save_pretrained(folder)`."
-    )
+def load_pretrained(
+    pretrained: str | os.PathLike | DiffusionPipeline | UNet2DModel | FeatureConditionedUNet,
+) -> tuple[nn.Module, SchedulerMixin | None, nn.Module | None]:
+    """Return the `(unet, scheduler, autoencoder)` of a diffusers pipeline or model, loading folders from disk.
 
+    Args:
+        pretrained: A pipeline folder (with `model_index.json`: `DDPMPipeline`, `DDIMPipeline`, `LDMPipeline`,
+            `DiADMPipeline`), a `UNet2DModel` folder (with `config.json`), or a pipeline, `UNet2DModel` or
+            `FeatureConditionedUNet` object.
 
-def _unpack_pretrained(pretrained: Any) -> tuple[nn.Module, SchedulerMixin | None, nn.Module | None]:
+    Returns:
+        The denoiser, the scheduler (None for a bare model) and the `vqvae`/`vae` (None for pixel models).
+
+    Raises:
+        TypeError: If `pretrained` is of another type.
+        ValueError: If a folder holds neither file, or a pipeline has no `unet`.
+
+    Example:
+        >>> from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+        >>> blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        >>> unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8, **blocks)
+        >>> found = load_pretrained(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
+        >>> [type(part).__name__ for part in found]
+        ['UNet2DModel', 'DDPMScheduler', 'NoneType']
+    """
     if isinstance(pretrained, str | os.PathLike):
-        return _load_pretrained(Path(pretrained))
+        path = Path(pretrained)
+        if (path / "model_index.json").is_file():
+            pretrained = DiffusionPipeline.from_pretrained(path)
+        elif (path / "config.json").is_file():
+            return UNet2DModel.from_pretrained(path), None, None
+        else:
+            raise ValueError(
+                "`pretrained` must be a diffusers pipeline folder (with model_index.json) or a UNet2DModel folder"
+                f" (with config.json), got {str(path)!r}, which holds neither; save one with"
+                " `pipeline.save_pretrained(folder)`."
+            )
     if isinstance(pretrained, DiffusionPipeline):
         components = pretrained.components
         if "unet" not in components:
@@ -183,6 +202,26 @@ def _unpack_pretrained(pretrained: Any) -> tuple[nn.Module, SchedulerMixin | Non
         "`pretrained` must be a folder path, a diffusers pipeline (DDPMPipeline, DDIMPipeline, LDMPipeline,"
         f" DiADMPipeline), a UNet2DModel or a FeatureConditionedUNet, got {type(pretrained).__name__}."
     )
+
+
+def image_size(unet: nn.Module, autoencoder: nn.Module | None = None) -> int:
+    """The side of the square training images a (latent) UNet expects.
+
+    For pixel models that is the UNet's `sample_size`; for latent models, `sample_size` times the autoencoder's
+    downsampling factor `2 ** (len(block_out_channels) - 1)`.
+
+    Example:
+        >>> from diffusers import UNet2DModel
+        >>> image_size(UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
+        ...                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
+        8
+    """
+    inner = unet.unet if isinstance(unet, FeatureConditionedUNet) else unet
+    size = inner.config.sample_size
+    side = size if isinstance(size, int) else int(size[0])
+    if autoencoder is None:
+        return side
+    return side * 2 ** (len(autoencoder.config.block_out_channels) - 1)
 
 
 class DiADMModule(LightningModule):
@@ -313,7 +352,7 @@ class DiADMModule(LightningModule):
         self.extraction_batch_size = int(extraction_batch_size)
 
         # 1. Components, copied so the caller's objects are never trained in place.
-        unet, pretrained_scheduler, pretrained_autoencoder = _unpack_pretrained(pretrained)
+        unet, pretrained_scheduler, pretrained_autoencoder = load_pretrained(pretrained)
         scheduler = scheduler if scheduler is not None else pretrained_scheduler
         autoencoder = autoencoder if autoencoder is not None else pretrained_autoencoder
         if not isinstance(scheduler, SchedulerMixin):
@@ -376,8 +415,10 @@ class DiADMModule(LightningModule):
     def _check_arguments(**values: Any) -> None:
         for name in ("learning_rate", "weight_decay", "ema_decay", "condition_dropout"):
             value = values[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise TypeError(f"`{name}` must be a finite number, got {value!r} ({type(value).__name__}).")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite, got {value}.")
         if values["learning_rate"] <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {values['learning_rate']}.")
         if values["weight_decay"] < 0:

@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DiADMModule through a real Trainer: fine-tune, save, reload and sample; latent models; the finetune CLI."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel, VQModel
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from diadm.cli import main
+from diadm.pipelines.pipeline_diadm import DiADMPipeline
+from diadm.training import DiADMModule
+
+NUM_TRAIN = 16
+
+
+def tiny_unet(channels: int = 1) -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    settings.update(kwargs)
+    return Trainer(**settings)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(NUM_TRAIN, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.05
+
+
+def test_finetune_save_reload_and_sample(images, tmp_path):
+    pretrained = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    module = DiADMModule(
+        tmp_path / "pretrained",
+        images,
+        feature="pixels",
+        batch_size=4,
+        learning_rate=1e-2,
+        ema_decay=0.5,
+        sample_scheduler=DDIMScheduler(num_train_timesteps=100),
+        num_inference_steps=4,
+    )
+    trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=2)
+    trainer.fit(module)
+    assert trainer.global_step == 3
+    assert int(module.ema_num_updates) == 3  # once per optimizer step, not per batch
+    # Training moved the feature projection off zero, and the EMA lags behind the raw weights.
+    assert module.unet.feature_projection.weight.abs().sum() > 0
+    raw, averaged = module.unet.feature_projection.weight, module.ema_unet.feature_projection.weight
+    assert not torch.equal(raw, averaged)
+
+    module.save(tmp_path / "diadm")
+    reloaded = DiADMPipeline.from_pretrained(tmp_path / "diadm")
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(reloaded.feature_bank, module.feature_bank)
+    saved = dict(reloaded.unet.named_parameters())
+    for name, parameter in module.ema_unet.named_parameters():
+        assert torch.equal(saved[name], parameter), name  # the EMA weights are what is saved
+
+    from_module = module.sample(6, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    indices = module.feature_indices(6, generator)
+    output = reloaded(
+        batch_size=6, feature_indices=indices, generator=generator, num_inference_steps=4, output_type="np"
+    )
+    from_disk = torch.from_numpy(output.images).permute(0, 3, 1, 2)
+    # Same weights, bank, noise and scheduler; the reloaded tensors may sum in another order (1e-5 in [0, 1]).
+    torch.testing.assert_close(from_disk, from_module, atol=1e-5, rtol=0)
+    assert from_module.std() > 0
+
+
+def test_baseline_trains_with_the_same_budget_and_saves_a_ddpm_pipeline(images, tmp_path):
+    module = DiADMModule(
+        tiny_unet(), images, scheduler=DDPMScheduler(num_train_timesteps=100), conditional=False, batch_size=4
+    )
+    before = [p.detach().clone() for p in module.unet.parameters()]
+    quiet_trainer(max_steps=2, precision="bf16-mixed").fit(module)
+    assert int(module.ema_num_updates) == 2
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.unet.parameters(), strict=True))
+    module.save(tmp_path / "baseline")
+    reloaded = DDPMPipeline.from_pretrained(tmp_path / "baseline")
+    assert type(reloaded.unet) is UNet2DModel
+    images_out = reloaded(batch_size=2, num_inference_steps=2, output_type="np").images
+    assert images_out.shape == (2, 8, 8, 1)
+
+
+def test_latent_pipeline_is_encoded_once_and_sampled_through_the_autoencoder(tmp_path):
+    torch.manual_seed(0)
+    vqvae = VQModel(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=2,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        num_vq_embeddings=16,
+        vq_embed_dim=2,
+    )
+    unet = tiny_unet(channels=2)
+    ldm = LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100))
+    pixels = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    module = DiADMModule(ldm, pixels, feature="pixels", batch_size=4, num_inference_steps=2)
+    with torch.no_grad():
+        expected = vqvae.encode(pixels * 2 - 1).latents * vqvae.config.scaling_factor
+    torch.testing.assert_close(module._inputs, expected)
+    assert module.feature_bank.shape == (8, 256)
+    quiet_trainer(max_steps=2).fit(module)
+    samples = module.sample(3, torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 16, 16)
+    module.save(tmp_path / "latent")
+    reloaded = DiADMPipeline.from_pretrained(tmp_path / "latent")
+    assert reloaded.vqvae is not None
+
+
+def write_digit_folder(folder, count: int = 12) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        array = rng.integers(20, 255, size=(8, 8), dtype=np.uint8)
+        Image.fromarray(array, mode="L").save(folder / f"{index:03d}.png")
+
+
+@pytest.mark.slow
+def test_finetune_cli_end_to_end_with_resume(tmp_path, capsys):
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "pre")
+    write_digit_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    common = ["finetune", "--pretrained", str(tmp_path / "pre"), "--data", str(tmp_path / "data"), "--out", str(out)]
+    common += ["--feature", "pixels", "--batch-size", "4", "--checkpoint-every", "1", "--no-progress"]
+    common += ["--num-inference-steps", "2", "--warmup-steps", "1"]
+    assert main([*common, "--max-steps", "2"]) == 0
+    assert "after 2 steps" in capsys.readouterr().out
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    first = DiADMPipeline.from_pretrained(out / "pipeline")
+    assert first.feature_bank.shape == (12, 64)
+
+    assert main([*common, "--max-steps", "4", "--resume", "last", "--irs-every", "4", "--irs-samples", "4"]) == 0
+    assert "after 4 steps" in capsys.readouterr().out
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert int(checkpoint["state_dict"]["ema_num_updates"]) == 4  # 2 before the resume, 2 after
+    callback_states = [state for key, state in checkpoint["callbacks"].items() if key.startswith("IRSCallback")]
+    assert [entry["global_step"] for entry in callback_states[0]["history"]] == [4]
+
+
+def test_finetune_cli_unconditional(tmp_path, capsys):
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "pre")
+    write_digit_folder(tmp_path / "data", count=4)
+    out = tmp_path / "out"
+    argv = ["finetune", "--pretrained", str(tmp_path / "pre"), "--data", str(tmp_path / "data"), "--out", str(out)]
+    argv += ["--unconditional", "--max-steps", "1", "--batch-size", "2", "--logger", "none", "--no-progress"]
+    assert main(argv) == 0
+    assert type(DDPMPipeline.from_pretrained(out / "pipeline").unet) is UNet2DModel
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resume", "missing.ckpt"], "`--resume` must name an existing checkpoint file, got 'missing.ckpt'"),
+        (["--max-steps", "1", "--lr", "-1"], "`learning_rate` must be positive, got -1.0."),
+    ],
+    ids=["resume", "lr"],
+)
+def test_finetune_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "pre")
+    write_digit_folder(tmp_path / "data", count=2)
+    argv = ["finetune", "--pretrained", str(tmp_path / "pre"), "--data", str(tmp_path / "data")]
+    argv += ["--out", str(tmp_path / "out"), "--feature", "pixels", "--logger", "none", *extra]
+    assert main(argv) == 2
+    assert re.search(re.escape(message), capsys.readouterr().err)
+
+
+def test_finetune_cli_bare_unet_needs_a_scheduler(tmp_path, capsys):
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    write_digit_folder(tmp_path / "data", count=2)
+    argv = ["finetune", "--pretrained", str(tmp_path / "unet"), "--data", str(tmp_path / "data")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "holds a bare UNet without a scheduler" in capsys.readouterr().err

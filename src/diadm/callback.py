@@ -199,7 +199,8 @@ class IRSCallback(Callback):
             not a positive integer, `num_samples < 2`, `evaluate_on` or `sampler_order` is unknown, both a source
             and precomputed features are given, `target_ci_width` is outside (0, 1], `max_samples < num_samples`,
             or `max_samples` is given without `target_ci_width`. In `setup` if no sampling source in
-            `sampler_order` is available, or pictures are requested and no logger of the trainer can take them.
+            `sampler_order` is available, pictures are requested and no logger of the trainer can take them, or
+            `evaluate_on="validation_epoch_end"` is asked of a fit without validation.
             At the first evaluation if a real or held-out source holds no images; at any evaluation if images
             (sampled or real) are not (N, C, H, W) with C in (1, 3) and values in [0, 1], or the sampler returns
             another number of images than asked for.
@@ -211,7 +212,8 @@ class IRSCallback(Callback):
 
     Note:
         A configuration the arguments alone show to be wrong fails at construction; one that needs the trainer or
-        the module (no sampling source, no logger that takes pictures, missing extractor weights) fails in
+        the module (no sampling source, no logger that takes pictures, no validation loop for
+        `evaluate_on="validation_epoch_end"`, missing extractor weights) fails in
         `setup`, before the first training step.
 
     Note:
@@ -399,6 +401,16 @@ class IRSCallback(Callback):
         if stage != "fit":
             return
         self._sampler_name, self._sampler = self._resolve_sampler(pl_module)
+        if (
+            self.evaluate_on == "validation_epoch_end"
+            and self.every_n_epochs is not None
+            and not trainer.enable_validation
+        ):
+            raise ValueError(
+                "`IRSCallback(evaluate_on='validation_epoch_end')` would never evaluate: this fit runs no validation"
+                " (no validation dataloader, no `validation_step`, or `limit_val_batches=0`); pass"
+                " `evaluate_on='train_epoch_end'` or enable validation."
+            )
         if self._extractor is None:
             # Built here so that missing weights fail before any training time is spent.
             self._extractor = get_feature_extractor(self.feature, **self.feature_kwargs)

@@ -60,6 +60,16 @@ class ToyGenerator(pl.LightningModule):
         return (self.images[picks] + noise).clamp(0, 1)
 
 
+class WithValidation(ToyGenerator):
+    """ToyGenerator with a validation loop over its first eight images."""
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        pass
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images[:8]), batch_size=8)
+
+
 class Recorder:
     """A `sample_fn` that records what it returns."""
 
@@ -456,7 +466,7 @@ def test_held_out_from_the_validation_loader_gives_irs_adjusted(tmp_path):
 
     real, held_out = real_images(), real_images(16, seed=3)
 
-    class WithValidation(ToyGenerator):
+    class HeldOutValidation(ToyGenerator):
         def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
             pass
 
@@ -466,7 +476,7 @@ def test_held_out_from_the_validation_loader_gives_irs_adjusted(tmp_path):
     recorder = Recorder(real)
     irs = callback(real_data=real, sample_fn=recorder, compute_fid=False)
     trainer = make_trainer(tmp_path, [irs], num_sanity_val_steps=0)
-    trainer.fit(WithValidation(real))
+    trainer.fit(HeldOutValidation(real))
     expected = image_retrieval_score(real.flatten(1), torch.cat(recorder.returned).flatten(1), held_out.flatten(1))
     assert irs.history[0]["irs_adjusted"] == pytest.approx(expected.irs_adjusted, abs=1e-12)
     assert trainer.callback_metrics["irs/irs_adjusted"].item() == pytest.approx(expected.irs_adjusted, abs=1e-6)
@@ -487,8 +497,22 @@ def test_weight_averaging_warning_when_raw_weights_will_be_scored(tmp_path):
     quiet = callback(real_data=real_images(), compute_fid=False, evaluate_on="validation_epoch_end")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, [quiet, EMAWeightAveraging()], limit_val_batches=0).fit(ToyGenerator(real_images()))
+        make_trainer(tmp_path, [quiet, EMAWeightAveraging()]).fit(WithValidation(real_images()))
     assert not [w for w in record if "non-averaged" in str(w.message)]
+    assert len(quiet.history) == 1
+
+
+def test_setup_rejects_validation_hook_without_validation(tmp_path):
+    module = ToyGenerator(real_images())
+    irs = callback(real_data=real_images(), evaluate_on="validation_epoch_end")
+    message = (
+        "`IRSCallback(evaluate_on='validation_epoch_end')` would never evaluate: this fit runs no validation"
+        " (no validation dataloader, no `validation_step`, or `limit_val_batches=0`); pass"
+        " `evaluate_on='train_epoch_end'` or enable validation."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_trainer(tmp_path, [irs]).fit(module)
+    assert module.losses == []
 
 
 def test_missing_extractor_weights_fail_in_setup_before_training(tmp_path, monkeypatch):
@@ -517,7 +541,7 @@ def test_iterable_dataset_scores_but_skips_lookup_pictures(tmp_path):
 
 
 def test_validation_hook_evaluates_at_every_validation_run_of_a_selected_epoch(tmp_path):
-    class WithValidation(ToyGenerator):
+    class SixStepValidation(ToyGenerator):
         def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
             pass
 
@@ -528,7 +552,7 @@ def test_validation_hook_evaluates_at_every_validation_run_of_a_selected_epoch(t
             return DataLoader(TensorDataset(self.images[:4]), batch_size=4)
 
     irs = callback(real_data=real_images(), evaluate_on="validation_epoch_end", every_n_epochs=2, compute_fid=False)
-    make_trainer(tmp_path, [irs], max_epochs=2, val_check_interval=0.5).fit(WithValidation(real_images()))
+    make_trainer(tmp_path, [irs], max_epochs=2, val_check_interval=0.5).fit(SixStepValidation(real_images()))
     # Epoch 0 is skipped; epoch 1 validates twice (steps 9 and 12), the sanity check never counts.
     assert [(entry["epoch"], entry["global_step"]) for entry in irs.history] == [(1, 9), (1, 12)]
     assert "irs_adjusted" in irs.history[0]  # the validation loader is the held-out set by default

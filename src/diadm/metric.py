@@ -47,7 +47,6 @@ _STATE_DTYPES: tuple[torch.dtype, ...] = (
 )
 # integer views of float rows: bitwise-equal rows have equal integer sums, whatever order the sum runs in
 _BIT_VIEWS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-_HASH_BLOCK_ROWS = 8192
 
 
 def _communication_device(group: Any, device: torch.device) -> torch.device:
@@ -123,25 +122,40 @@ def _first_row_per_index(features: Tensor, indices: Tensor) -> tuple[Tensor, Ten
     return features[order[is_first]], sorted_indices[is_first]
 
 
+def _row_keys(features: Tensor) -> Tensor:
+    """A key per row that bitwise-equal rows share.
+
+    The key is the wrapping integer sum of the float bit patterns, plus the bits of three single columns. Integer
+    addition modulo 2^32 does not depend on the summation order, so equal rows get equal sums however the reduction
+    is vectorised.
+    """
+    bits = features.contiguous().view(_BIT_VIEWS[features.dtype])
+    columns = [0, bits.shape[1] // 2, bits.shape[1] - 1]
+    if bits.device.type == "cpu":
+        # numpy's unsigned sum wraps and is vectorised; torch promotes integer sums to int64 and runs ~30x slower
+        unsigned = bits.numpy().view(f"uint{8 * bits.element_size()}")
+        sums = torch.from_numpy(unsigned.sum(axis=1, dtype="uint32").astype("int64"))
+    else:
+        sums = bits.to(torch.int64).sum(dim=1)
+    return torch.cat([sums[:, None].to(bits.device), bits[:, columns].to(torch.int64)], dim=1)
+
+
 def _count_duplicate_rows(features: Tensor) -> int:
     """Number of rows that are bitwise copies of an earlier row.
 
-    A cheap key per row (integer sum of the float bit patterns, and three single columns) finds the candidates;
-    only rows whose key collides are compared exactly, so continuous features cost one pass over the data.
+    Only rows whose cheap key (`_row_keys`) collides with another row's are compared exactly, so continuous features
+    cost about one pass over the data.
     """
     if features.shape[0] < 2:
         return 0
     if features.dtype not in _BIT_VIEWS:
         features = features.to(torch.float32)
-    bits = features.contiguous().view(_BIT_VIEWS[features.dtype])
-    columns = [0, bits.shape[1] // 2, bits.shape[1] - 1]
-    sums = torch.cat([block.to(torch.int64).sum(dim=1) for block in bits.split(_HASH_BLOCK_ROWS)])
-    keys = torch.cat([sums[:, None], bits[:, columns].to(torch.int64)], dim=1)
-    _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-    candidates = bits[counts[inverse] > 1]
+    _, inverse, counts = torch.unique(_row_keys(features), dim=0, return_inverse=True, return_counts=True)
+    candidates = features[counts[inverse] > 1]
     if candidates.shape[0] == 0:
         return 0
-    return int(candidates.shape[0] - torch.unique(candidates, dim=0).shape[0])
+    bits = candidates.contiguous().view(_BIT_VIEWS[candidates.dtype])
+    return int(candidates.shape[0] - torch.unique(bits, dim=0).shape[0])
 
 
 def _plottable(value: Any) -> Any:
@@ -187,15 +201,17 @@ class ImageRetrievalScore(Metric):
     Precomputed features of shape (N, D) go to `update_features` instead.
 
     `compute()` returns a dict of scalar tensors: `irs_alpha`, `irs_inf`, `irs_inf_lower`, `irs_inf_upper` (floats in
-    [0, 1]), `n_train`, `n_samples`, `n_learned` (int64), plus `irs_adjusted` and `irs_adjusted_std` when held-out
-    images were given. The full `IRSResult` of the last computation (per-image retrieval counts, the held-out
-    estimate) stays in `last_result`.
+    [0, 1]), `n_train`, `n_samples`, `n_learned` (int64), plus `irs_adjusted` and `irs_adjusted_std` (its spread over
+    generated subsets, 0.0 for one subset) when held-out images were given. The full `IRSResult` of the last
+    computation (per-image retrieval counts, the held-out estimate) stays in `last_result`.
 
     Memory: features are kept as list states on the CPU (`features_on_cpu=True`), whatever device the extractor
     runs on. A 2048-wide float32 feature takes 8 KiB, so 50,000 images take 400 MiB and the 1.28 million
     ImageNet training images 10 GiB; `feature_dtype=torch.float16` halves that. At `compute()` the rows are
     concatenated once (a list of many batches is replaced by one tensor, so the copy is not kept twice) and the
-    search works in float32: float16 storage adds a float32 copy of the reference set while the index lives.
+    search works in float32: float16 storage needs a float32 copy of the rows during `compute()`, and one of the
+    reference set stays with the cached index. The faiss backend (the default on the CPU when faiss is installed)
+    keeps one more float32 copy of its own; `backend="torch"` shares the stored float32 rows instead.
 
     Args:
         feature: A name from `diadm.features.available_feature_extractors()` ("swav", the paper's choice,
@@ -230,14 +246,15 @@ class ImageRetrievalScore(Metric):
         uneven split by repeating samples, which would count those training images twice in `n_train`. Pass the
         dataset indices of each batch as `indices=` to `update`/`update_features`: after the gather, rows that
         share an index are reduced to the first one and all rows are put in index order, so the result equals one
-        process reading the data set in order. Without `indices`, rows that are exact copies of another row are
-        detected and reported with a warning (once per kind), but kept: they may be genuine duplicates.
+        process reading the data set in order. Without `indices`, rows of the gathered states that are exact copies
+        of another row are detected and reported with a warning (once per kind), but kept: they may be genuine
+        duplicates. A single process makes no such check.
 
     Note:
         `forward` (calling the metric) only accumulates, like `update`, and returns None: IRS needs the whole
         reference set, so a per-batch value has no meaning. The reference index is cached between `compute()`
-        calls and rebuilt when training rows are added, reset, loaded or moved; under DDP the cache key is this
-        process' update count and the gathered row count.
+        calls and rebuilt when training rows are added, reset, loaded or moved; under DDP its key is the number of
+        training updates this process has seen together with the gathered row count.
 
     Note:
         float16 storage rounds features to 11 significant bits. On scikit-learn's digits (900 training images, 897
@@ -345,7 +362,7 @@ class ImageRetrievalScore(Metric):
         self._reference_index: ExactIndex | None = None
         self._reference_key: tuple[Any, ...] | None = None
         self._train_version = 0
-        self._warned_duplicates: set[str] = set()
+        self._warned: set[str] = set()  # kinds whose duplicates were reported
 
     @override
     def update(
@@ -377,7 +394,7 @@ class ImageRetrievalScore(Metric):
         kind = self._check_kind(real, held_out)
         self._check_images(imgs)
         features = self.feature_extractor(imgs)
-        self._append(kind, features, indices, name="features computed by the extractor")
+        self._append(kind, features, indices, name="features computed by the extractor", copy=False)
 
     def update_features(
         self,
@@ -404,7 +421,7 @@ class ImageRetrievalScore(Metric):
         self._computed = None
         self._update_count += 1
         with torch.no_grad():
-            self._append(kind, features, indices, name="features")
+            self._append(kind, features, indices, name="features", copy=True)
 
     @override
     def compute(self) -> dict[str, Tensor]:
@@ -476,8 +493,18 @@ class ImageRetrievalScore(Metric):
 
     @override
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
-        """Merge the states of another `ImageRetrievalScore` (or a state dict) into this one."""
+        """Merge the states of another `ImageRetrievalScore` (or a state dict) into this one.
+
+        The incoming rows are placed before this metric's own. Scores from all queries do not depend on the order,
+        but the seeded held-out subsample of `irs_adjusted` does; with `indices` the rows are put in index order and
+        the merged result equals one metric fed everything.
+
+        Args:
+            incoming_state: Another `ImageRetrievalScore`, or its `metric_state` dict.
+        """
         super().merge_state(incoming_state)
+        # the base class keeps the value computed before the merge
+        self._computed = None
         self._invalidate_index()
 
     def plot(
@@ -608,7 +635,8 @@ class ImageRetrievalScore(Metric):
         width = getattr(self.feature_extractor, "num_features", None)
         return width if isinstance(width, int) else None
 
-    def _append(self, kind: str, features: Any, indices: Any, name: str) -> None:
+    def _append(self, kind: str, features: Any, indices: Any, name: str, copy: bool) -> None:
+        """Check one batch of feature rows and store it; `copy` keeps the stored rows apart from the caller's."""
         words = dict(_KINDS)[kind]
         features = validate_features("features", features)
         width = self._expected_width()
@@ -619,6 +647,9 @@ class ImageRetrievalScore(Metric):
                 " `reset_real_features=True`) before changing it."
             )
         stored = features.to(device="cpu" if self.features_on_cpu else features.device, dtype=self.feature_dtype)
+        if copy and stored.data_ptr() == features.data_ptr():
+            # never keep a view of the caller's tensor: a reused buffer would silently change the stored rows
+            stored = stored.clone()
         if self.feature_dtype == torch.float16 and not bool(torch.isfinite(stored).all()):
             raise ValueError(
                 f"{name} must fit float16 storage (|x| <= 65504), got values up to {float(features.abs().max()):.4g};"
@@ -665,9 +696,10 @@ class ImageRetrievalScore(Metric):
                 setattr(self, f"{prefix}_indices", [dim_zero_cat(indices_state)])
         indices = _as_rows(getattr(self, f"{prefix}_indices"))
         if indices is None:
-            duplicates = _count_duplicate_rows(features)
-            if duplicates and prefix not in self._warned_duplicates:
-                self._warned_duplicates.add(prefix)
+            # only a gather across processes can add the sampler's repeats; one process pays nothing for the check
+            duplicates = _count_duplicate_rows(features) if self._is_synced and prefix not in self._warned else 0
+            if duplicates:
+                self._warned.add(prefix)
                 # frames up to the user: two warn helpers, the rank-zero wrapper, this method, compute, the base wrapper
                 message = self._duplicate_message(words, duplicates, features.shape[0])
                 rank_zero_warn(message, UserWarning, stacklevel=7)
@@ -678,9 +710,9 @@ class ImageRetrievalScore(Metric):
                 f"`indices` were passed for {indices.shape[0]} of {features.shape[0]} {words} rows: some processes"
                 " (or updates) passed `indices` and others did not; pass them everywhere or nowhere."
             )
-        if self.features_on_cpu:
-            features = features.cpu()
-        return features
+        # one float32 copy for the search (none when stored in float32), shared by the index and the functional API
+        device = torch.device("cpu") if self.features_on_cpu else features.device
+        return features.to(device=device, dtype=torch.float32)
 
     @staticmethod
     def _duplicate_message(words: str, duplicates: int, total: int) -> str:

@@ -136,6 +136,15 @@ def test_batched_accumulation_equals_one_shot(batch_sizes):
     assert _values(metric.compute()) == _values(one_shot)
 
 
+def test_update_features_copies_the_callers_buffer():
+    buffer = torch.randn(4, 3)
+    metric = ImageRetrievalScore(feature=None)
+    metric.update_features(buffer, real=True)
+    expected = buffer.clone()
+    buffer.zero_()
+    assert torch.equal(metric.train_features[0], expected)
+
+
 def test_update_with_pixel_features_equals_precomputed_pixels():
     imgs = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
     generated = imgs[:20].clone()
@@ -309,9 +318,20 @@ def test_forward_accumulates_and_returns_none():
 
 
 # ------------------------------------------------------------------------------------------- duplicates, indices
+def _single_rank_sync(tensor, group=None):
+    """A stand-in for the gather of a one-process group: the metric then runs its post-gather checks."""
+    return [tensor]
+
+
+def _synced_metric(**kwargs) -> ImageRetrievalScore:
+    return ImageRetrievalScore(
+        feature=None, dist_sync_fn=_single_rank_sync, distributed_available_fn=lambda: True, **kwargs
+    )
+
+
 def test_exact_duplicate_rows_without_indices_warn_once():
     train, generated, _ = _clustered_features()
-    metric = ImageRetrievalScore(feature=None)
+    metric = _synced_metric()
     metric.update_features(train, real=True)
     metric.update_features(train[:2], real=True)  # as a DistributedSampler pads an uneven split
     metric.update_features(generated, real=False)
@@ -327,11 +347,21 @@ def test_exact_duplicate_rows_without_indices_warn_once():
 
 def test_duplicate_generated_rows_name_the_seed():
     train, generated, _ = _clustered_features()
-    metric = ImageRetrievalScore(feature=None)
+    metric = _synced_metric()
     metric.update_features(train, real=True)
     metric.update_features(torch.cat([generated, generated]), real=False)
     with pytest.warns(UserWarning, match=re.escape("seed each one differently (for example seed + rank)")):
         metric.compute()
+
+
+def test_one_process_skips_the_duplicate_check():
+    train, generated, _ = _clustered_features()
+    metric = ImageRetrievalScore(feature=None)
+    metric.update_features(torch.cat([train, train[:2]]), real=True)
+    metric.update_features(generated, real=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metric.compute()["n_train"].item() == 122
 
 
 def test_indices_remove_repeated_rows_and_restore_index_order():
@@ -358,6 +388,8 @@ def test_indices_remove_repeated_rows_and_restore_index_order():
         pytest.param(torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 1.0, 3.0, 4.0]]), 0, id="collision"),
         pytest.param(torch.ones(3, 2, dtype=torch.float16), 2, id="float16"),
         pytest.param(torch.ones(1, 2), 0, id="one-row"),
+        pytest.param(torch.ones(3, 2, dtype=torch.bfloat16), 2, id="bfloat16"),
+        pytest.param(torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64), 1, id="float64"),
     ],
 )
 def test_count_duplicate_rows(rows, expected):
@@ -545,3 +577,31 @@ def test_bad_constructor_arguments(options, error, message):
 def test_unknown_feature_name_is_refused():
     with pytest.raises(ValueError, match=re.escape("`feature` must be one of")):
         ImageRetrievalScore(feature="resnet9000")
+
+
+def _indexed_metric(train, generated, held_out, offsets) -> ImageRetrievalScore:
+    metric = ImageRetrievalScore(feature=None)
+    for rows, start, flags in (
+        (train, offsets[0], {"real": True}),
+        (held_out, offsets[1], {"real": True, "held_out": True}),
+        (generated, offsets[2], {"real": False}),
+    ):
+        metric.update_features(rows, indices=torch.arange(start, start + rows.shape[0]), **flags)
+    return metric
+
+
+def test_merge_state_equals_one_metric_and_drops_the_cached_index():
+    train, generated, held_out = _clustered_features()
+    expected = _values(_filled_metric(train, generated, held_out).compute())
+    first = _indexed_metric(train[:70], generated[:40], held_out[:30], (0, 0, 0))
+    first.compute()
+    # merged rows come first, so only indices restore the order the seeded held-out subsample depends on
+    first.merge_state(_indexed_metric(train[70:], generated[40:], held_out[30:], (70, 30, 40)))
+    assert first._reference_index is None
+    assert _values(first.compute()) == expected
+    unordered = _filled_metric(train[:70], generated[:40], held_out[:30])
+    unordered.merge_state(_filled_metric(train[70:], generated[40:], held_out[30:]))
+    merged = _values(unordered.compute())
+    assert {key: merged[key] for key in (*SCORE_KEYS, *COUNT_KEYS)} == {
+        key: expected[key] for key in (*SCORE_KEYS, *COUNT_KEYS)
+    }

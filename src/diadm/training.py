@@ -14,21 +14,18 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMPipeline,
-    DiffusionPipeline,
-    LDMPipeline,
-    SchedulerMixin,
-    UNet2DModel,
-    VQModel,
-)
+from diffusers import AutoencoderKL, LDMPipeline, VQModel
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.pipelines.ddpm.pipeline_ddpm import DDPMPipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -117,14 +114,14 @@ def load_image_folder(folder: str | os.PathLike, *, size: int, channels: int) ->
     mode = "RGB" if channels == 3 else "L"
     arrays = []
     for path in files:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            scale = size / min(image.size)
-            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-            left, top = (width - size) // 2, (height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            arrays.append(np.asarray(image, dtype=np.uint8).reshape(size, size, channels))
+        with Image.open(path) as opened:
+            converted = opened.convert(mode)
+        scale = size / min(converted.size)
+        width, height = max(size, round(converted.width * scale)), max(size, round(converted.height * scale))
+        resized = converted.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        cropped = resized.crop((left, top, left + size, top + size))
+        arrays.append(np.asarray(cropped, dtype=np.uint8).reshape(size, size, channels))
     stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return stacked.to(torch.float32) / 255.0
 
@@ -152,7 +149,7 @@ def _as_images(train_images: Any) -> Tensor:
 
 def load_pretrained(
     pretrained: str | os.PathLike | DiffusionPipeline | UNet2DModel | FeatureConditionedUNet,
-) -> tuple[nn.Module, SchedulerMixin | None, nn.Module | None]:
+) -> tuple[Any, Any, Any]:
     """Return the `(unet, scheduler, autoencoder)` of a diffusers pipeline or model, loading folders from disk.
 
     Args:
@@ -204,7 +201,7 @@ def load_pretrained(
     )
 
 
-def image_size(unet: nn.Module, autoencoder: nn.Module | None = None) -> int:
+def image_size(unet: Any, autoencoder: Any = None) -> int:
     """The side of the square training images a (latent) UNet expects.
 
     For pixel models that is the UNet's `sample_size`; for latent models, `sample_size` times the autoencoder's
@@ -293,6 +290,9 @@ class DiADMModule(LightningModule):
         torch.Size([3, 1, 8, 8])
     """
 
+    feature_bank: Tensor | None
+    ema_num_updates: Tensor
+
     def __init__(
         self,
         pretrained: str | os.PathLike | DiffusionPipeline | UNet2DModel | FeatureConditionedUNet,
@@ -360,7 +360,7 @@ class DiADMModule(LightningModule):
                 "`scheduler` must be a diffusers scheduler (for example DDPMScheduler) when `pretrained` brings none,"
                 f" got {type(scheduler).__name__}."
             )
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        prediction_type = cast(Any, scheduler).config.get("prediction_type", "epsilon")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"the scheduler's `prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}."
@@ -376,10 +376,10 @@ class DiADMModule(LightningModule):
                 "`conditional=False` trains an unconditional baseline, but `pretrained` is already a"
                 " FeatureConditionedUNet; pass its unconditional starting point (a UNet2DModel) instead."
             )
-        self.scheduler = scheduler
-        self.sample_scheduler = sample_scheduler if sample_scheduler is not None else scheduler
+        self.scheduler: Any = scheduler
+        self.sample_scheduler: Any = sample_scheduler if sample_scheduler is not None else scheduler
         self.prediction_type = prediction_type
-        self.autoencoder = None
+        self.autoencoder: Any = None
         if autoencoder is not None:
             self.autoencoder = copy.deepcopy(autoencoder).eval().requires_grad_(False)
 
@@ -457,7 +457,7 @@ class DiADMModule(LightningModule):
         for batch in images.split(self.extraction_batch_size):
             pixels = batch * 2.0 - 1.0
             if isinstance(self.autoencoder, VQModel):
-                latent = self.autoencoder.encode(pixels).latents
+                latent = cast(Any, self.autoencoder).encode(pixels).latents
             else:
                 # The posterior mean: deterministic, so the once-computed latents do not freeze one random draw.
                 latent = self.autoencoder.encode(pixels).latent_dist.mean
@@ -465,7 +465,7 @@ class DiADMModule(LightningModule):
         return torch.cat(latents)
 
     @staticmethod
-    def _check_fit(unet: nn.Module, inputs: Tensor) -> None:
+    def _check_fit(unet: Any, inputs: Tensor) -> None:
         channels, size = unet.config.in_channels, unet.config.sample_size
         sizes = (size, size) if isinstance(size, int) else tuple(size)
         if inputs.shape[1] != channels or tuple(inputs.shape[2:]) != sizes:
@@ -548,7 +548,7 @@ class DiADMModule(LightningModule):
         num_timesteps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (inputs.shape[0],), device=inputs.device, dtype=torch.long)
         noisy = self.scheduler.add_noise(inputs, noise, timesteps)
-        features = self.feature_bank[indices] if self.conditional else None
+        features = self.feature_bank[indices] if self.feature_bank is not None else None
         prediction = self(noisy, timesteps, features)
         if self.prediction_type == "epsilon":
             target = noise
@@ -568,7 +568,7 @@ class DiADMModule(LightningModule):
         return loss
 
     @override
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         warmup = self.warmup_steps
 
@@ -595,7 +595,7 @@ class DiADMModule(LightningModule):
             average.lerp_(current.detach().to(average.dtype), 1.0 - decay)
         for average, current in zip(self.ema_unet.buffers(), self.unet.buffers(), strict=True):
             average.copy_(current)
-        self.ema_num_updates += 1
+        self.ema_num_updates.add_(1)
 
     @override
     def on_fit_start(self) -> None:
@@ -651,7 +651,7 @@ class DiADMModule(LightningModule):
                 unet=self.ema_unet, scheduler=scheduler, vqvae=self.autoencoder, feature_bank=self.feature_bank
             )
         if self.autoencoder is not None:
-            return LDMPipeline(vqvae=self.autoencoder, unet=self.ema_unet, scheduler=scheduler)
+            return cast(DiffusionPipeline, LDMPipeline(vqvae=self.autoencoder, unet=self.ema_unet, scheduler=scheduler))
         return DDPMPipeline(unet=self.ema_unet, scheduler=scheduler)
 
     @torch.no_grad()
@@ -661,6 +661,7 @@ class DiADMModule(LightningModule):
         generator: torch.Generator | None = None,
         *,
         num_inference_steps: int | None = None,
+        distinct_features: bool = True,
         progress: bool = False,
     ) -> Tensor:
         """Generate images with the EMA weights; DiADM conditions each sample on its own bank feature.
@@ -669,6 +670,8 @@ class DiADMModule(LightningModule):
             num_images: The number of images.
             generator: The random generator for the bank indices and the noise.
             num_inference_steps: Denoising steps; defaults to the module's `num_inference_steps`.
+            distinct_features: DiADM only. True conditions the samples on distinct bank rows (`feature_indices`);
+                False draws the rows independently and uniformly, with repeats.
             progress: Whether the pipeline draws its progress bar.
 
         Returns:
@@ -684,9 +687,15 @@ class DiADMModule(LightningModule):
             raise ValueError(f"`num_images` must be at least 1, got {num_images}.")
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         was_training = self.ema_unet.training
-        pipe = self.pipeline()
+        pipe: Any = self.pipeline()
         pipe.set_progress_bar_config(disable=not progress)
-        indices = self.feature_indices(num_images, generator) if self.conditional else None
+        indices = None
+        if self.conditional and distinct_features:
+            indices = self.feature_indices(num_images, generator)
+        elif self.conditional:
+            device = generator.device if generator is not None else torch.device("cpu")
+            size = (num_images,)
+            indices = torch.randint(self.num_train_images, size, generator=generator, device=device).cpu()
         chunks = []
         for start in range(0, num_images, self.sample_batch_size):
             count = min(self.sample_batch_size, num_images - start)

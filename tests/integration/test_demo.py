@@ -29,8 +29,8 @@ from diadm.estimator import estimate_irs
 
 NUMBER = r"(\d+\.\d+)"
 ROW_PATTERN = re.compile(
-    rf"^\| (baseline|diadm|held-out real) \| {NUMBER} \[{NUMBER}, {NUMBER}\] \| {NUMBER} \[{NUMBER}, {NUMBER}\]"
-    rf" \| {NUMBER} \| (\d+) \| {NUMBER} \|$"
+    rf"^\| (baseline|diadm|diadm, i.i.d. features|held-out real) \| {NUMBER} \[{NUMBER}, {NUMBER}\]"
+    rf" \| {NUMBER} \[{NUMBER}, {NUMBER}\] \| {NUMBER} \| (\d+) \| {NUMBER} \|$"
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +52,7 @@ def test_demo_quick_writes_its_table_figures_and_runs(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = parse_table(printed)
-    assert sorted(rows) == ["baseline", "diadm", "held-out real"]
+    assert sorted(rows) == ["baseline", "diadm", "diadm, i.i.d. features", "held-out real"]
     assert f"Output folder: {out.resolve()}" in printed
     assert re.search(r"^Time taken: \d+\.\d s$", printed, flags=re.MULTILINE)
     assert (out / TABLE_FILE).read_text().strip() in printed
@@ -77,7 +77,8 @@ def test_demo_quick_writes_its_table_figures_and_runs(tmp_path, capsys):
     assert rows["held-out real"][8] == pytest.approx(scipy_frechet(held_pixels, train_pixels), abs=1e-3)
 
     results = json.loads((out / RESULTS_FILE).read_text())
-    assert [row["name"] for row in results["rows"]] == ["baseline", "diadm", "held-out real"]
+    names = [row["name"] for row in results["rows"]]
+    assert names == ["baseline", "diadm", "diadm, i.i.d. features", "held-out real"]
     for name, entries in results["history"].items():
         steps = [entry["global_step"] for entry in entries]
         assert steps == list(range(QUICK_CONFIG.eval_every, QUICK_CONFIG.num_steps + 1, QUICK_CONFIG.eval_every)), name

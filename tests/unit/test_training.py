@@ -209,6 +209,23 @@ def test_sample_conditions_each_image_on_its_own_bank_row(images, monkeypatch):
     assert samples.max() <= 1
 
 
+def test_sample_with_independent_features_draws_with_repeats(images, monkeypatch):
+    module = make_module(images)
+    calls = []
+    pipeline_class = type(module.pipeline())
+    original_call = pipeline_class.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append(kwargs["feature_indices"].tolist())
+        return original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", recording_call)
+    module.sample(40, torch.Generator().manual_seed(2), distinct_features=False)
+    expected = torch.randint(NUM_TRAIN, (40,), generator=torch.Generator().manual_seed(2))
+    assert calls == [expected.tolist()]
+    assert len(set(calls[0])) < NUM_TRAIN  # 40 draws from 12 rows repeat
+
+
 def test_sample_restores_the_ema_mode(images):
     module = make_module(images)
     module.ema_unet.train()

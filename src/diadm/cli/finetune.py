@@ -9,6 +9,7 @@ Writes into `--out`: `checkpoints/` (Lightning checkpoints, `last.ckpt` included
 import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,11 @@ def _logger(kind: str, out: Path) -> Any:
     if kind == "none":
         return False
     raise ValueError(f"`--logger` must be one of {LOGGERS}, got {kind!r}.")
+
+
+def _sample(module: Any, num_images: int, generator: Any, num_inference_steps: int) -> Any:
+    """`IRSCallback`'s sampler: the module's EMA weights with the command's number of denoising steps."""
+    return module.sample(num_images, generator, num_inference_steps=num_inference_steps)
 
 
 def _resume_path(resume: str | None, out: Path) -> Path | None:
@@ -138,12 +144,11 @@ def run(args: argparse.Namespace) -> int:
     if args.irs_every is not None:
         from diadm.callback import IRSCallback
 
-        steps = args.num_inference_steps
         callbacks.append(
             IRSCallback(
                 num_samples=args.irs_samples,
                 every_n_train_steps=args.irs_every,
-                sample_fn=lambda model, count, generator: model.sample(count, generator, num_inference_steps=steps),
+                sample_fn=partial(_sample, num_inference_steps=args.num_inference_steps),
                 feature=extractor if extractor is not None else args.feature,
                 real_data=images,
                 held_out_data=None,

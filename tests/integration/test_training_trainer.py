@@ -2,6 +2,9 @@
 """DiADMModule through a real Trainer: fine-tune, save, reload and sample; latent models; the finetune CLI."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +202,14 @@ def test_finetune_cli_bare_unet_needs_a_scheduler(tmp_path, capsys):
     argv = ["finetune", "--pretrained", str(tmp_path / "unet"), "--data", str(tmp_path / "data")]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "holds a bare UNet without a scheduler" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_example_runs_in_tiny_mode():
+    script = Path(__file__).resolve().parents[2] / "examples" / "finetune_tiny.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--tiny"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert re.search(r"^5 steps: \d+ of 64 training digits retrieved by 32$", completed.stdout, flags=re.MULTILINE)
+    assert "adjusted IRS" in completed.stdout

@@ -189,6 +189,21 @@ def test_user_module_is_a_submodule_and_its_features_are_used():
     assert any(module is net for module in metric.modules())
 
 
+def test_user_module_moves_with_the_metric():
+    net = _TinyConvNet()
+    metric = ImageRetrievalScore(feature=net)
+    metric.to("meta")
+    assert next(net.parameters()).device.type == "meta"
+    assert metric.device.type == "meta"
+
+
+def test_plain_callable_as_feature():
+    metric = ImageRetrievalScore(feature=lambda imgs: imgs.flatten(1) * 2, feature_kwargs={"num_features": 16})
+    imgs = torch.full((3, 1, 4, 4), 255, dtype=torch.uint8)
+    metric.update(imgs, real=True)
+    assert torch.equal(metric.train_features[0], torch.full((3, 16), 2.0))
+
+
 # ------------------------------------------------------------------------------------------------------- reset
 def test_reset_with_reset_real_features_true_drops_everything():
     train, generated, _ = _clustered_features()

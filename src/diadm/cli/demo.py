@@ -38,9 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from diadm.demo import FIGURES, TABLE_FILE, demo_config, format_table, run_demo
 
     if getattr(args, "verbose", 0) == 0:
-        # Lightning announces devices and tips at INFO on its own handler; the demo's output is the table.
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+        # Lightning announces devices and tips at INFO; the demo's output is the table. Its import sets its logger
+        # to INFO, so import it first, then quiet it.
+        import lightning.pytorch  # noqa: F401
+
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     config = demo_config(quick=args.quick, num_steps=args.steps)
     result = run_demo(args.out, config, seed=args.seed, progress=args.progress, num_threads=args.threads)
     lines = [

@@ -274,7 +274,16 @@ class DiADMModule(LightningModule):
         All training images (and latents) are kept in memory, and training batches come from the module's own
         `train_dataloader` (the features are looked up by image index). A `Dataset` raises `NotImplementedError`.
         Resuming from a Lightning checkpoint needs a module built with the same images: the checkpoint stores their
-        fingerprint and `on_load_checkpoint` refuses another set.
+        fingerprint and `on_load_checkpoint` refuses another set. The data loader is not resumable, so a run resumed
+        from a mid-epoch checkpoint reshuffles that epoch (Lightning warns); weights, optimizer, EMA and step count
+        are restored exactly.
+
+    Note:
+        `sample` conditions the samples on *distinct* bank rows by default (SPEC.md section 3). Their retrievals are
+        then not independent draws, which the occupancy model behind `IRS_inf` assumes: with many samples they can
+        retrieve more distinct training images than independent draws from the training set would, and `IRS_inf`
+        saturates at 1 with collapsed bounds (the demo shows it). `distinct_features=False` draws rows
+        independently, for a score that matches the model's assumption.
 
     Example:
         >>> from diffusers import DDPMScheduler, UNet2DModel

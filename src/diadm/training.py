@@ -34,12 +34,12 @@ from typing_extensions import override
 from diadm.cache import FeatureCache, cached, fingerprint
 from diadm.features import extractor_fingerprint, get_feature_extractor
 from diadm.features.base import to_unit_float
+from diadm.io import IMAGE_SUFFIXES, find_images, load_image
 from diadm.models.feature_conditioned_unet import FeatureConditionedUNet
 
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Version of the feature-cache key layout: bump it when the way training features are computed changes.
 _CACHE_VERSION = "diadm-training-features-1"
 # Key under which the fingerprint of the training data is stored in Lightning checkpoints.
@@ -67,13 +67,15 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def load_image_folder(folder: str | os.PathLike, *, size: int, channels: int) -> Tensor:
-    """Load every image file under `folder` (recursively, sorted by relative path) as float32 in [0, 1].
+    """Load every image file under `folder` as float32 in [0, 1], square, at the UNet's size.
 
-    Each image is converted to RGB (`channels=3`) or luma (`channels=1`), resized so its short side is `size`
-    (bicubic) and centre-cropped to `size` x `size`.
+    Files are found and decoded by `diadm.io` (PNG, JPEG and WebP, recursively, sorted by relative path, hidden files
+    left out, decoded to RGB), so `diadm finetune` and `diadm score` read a folder alike. Each image is then converted
+    to luma (`channels=1`, PIL's "L" mode) or kept RGB, resized so its short side is `size` (bicubic) and
+    centre-cropped to `size` x `size`.
 
     Args:
-        folder: The folder to search for PNG, JPEG, WebP and BMP files.
+        folder: The folder to search.
         size: The side of the square images, usually the UNet's `sample_size`.
         channels: 1 or 3.
 
@@ -83,6 +85,7 @@ def load_image_folder(folder: str | os.PathLike, *, size: int, channels: int) ->
     Raises:
         TypeError: If `size` or `channels` is not an integer.
         ValueError: If `folder` is not a folder or holds no image, `size` is not positive or `channels` not 1 or 3.
+        diadm.io.UnreadableFileError: If a file cannot be decoded.
 
     Example:
         >>> import tempfile
@@ -100,22 +103,15 @@ def load_image_folder(folder: str | os.PathLike, *, size: int, channels: int) ->
         raise ValueError(f"`size` must be a positive integer, got {size}.")
     if channels not in (1, 3):
         raise ValueError(f"`channels` must be 1 (grayscale) or 3 (RGB), got {channels}.")
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"`folder` must be an existing folder of images, got {str(root)!r}.")
-    files = sorted(
-        (path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()),
-        key=lambda path: path.relative_to(root).as_posix(),
-    )
+    files = find_images(folder)
     if not files:
         raise ValueError(
-            f"`folder` must hold at least one image ({', '.join(IMAGE_SUFFIXES)}), found none under {str(root)!r}."
+            f"`folder` must hold at least one image ({', '.join(IMAGE_SUFFIXES)}), found none under {str(folder)!r}."
         )
-    mode = "RGB" if channels == 3 else "L"
     arrays = []
     for path in files:
-        with Image.open(path) as opened:
-            converted = opened.convert(mode)
+        rgb = Image.fromarray(load_image(path).permute(1, 2, 0).numpy())
+        converted = rgb.convert("L") if channels == 1 else rgb
         scale = size / min(converted.size)
         width, height = max(size, round(converted.width * scale)), max(size, round(converted.height * scale))
         resized = converted.resize((width, height), Image.Resampling.BICUBIC)

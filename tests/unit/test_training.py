@@ -370,7 +370,7 @@ def test_bad_sample_requests_raise(images, num_images, error, message):
 def test_load_image_folder_bad_input(tmp_path):
     with pytest.raises(ValueError, match=re.escape("`folder` must hold at least one image")):
         load_image_folder(tmp_path, size=4, channels=3)
-    with pytest.raises(ValueError, match=re.escape("`folder` must be an existing folder of images")):
+    with pytest.raises(ValueError, match=re.escape("`folder` must be a directory of images")):
         load_image_folder(tmp_path / "missing", size=4, channels=3)
     with pytest.raises(ValueError, match=re.escape("`channels` must be 1 (grayscale) or 3 (RGB), got 2.")):
         load_image_folder(tmp_path, size=4, channels=2)

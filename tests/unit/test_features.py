@@ -292,6 +292,9 @@ def test_failed_download_gives_the_same_message(monkeypatch):
         resolve_weights(INCEPTION_WEIGHTS, download=True)
     assert "the download failed (Network is unreachable)" in str(info.value)
     assert INCEPTION_WEIGHTS.url in str(info.value)
+    # the download was allowed and failed, so the message must not suggest allowing it
+    assert "download=True" not in str(info.value)
+    assert str(info.value).endswith("(`--weights` on the command line), or put it in that folder.")
 
 
 def test_download_is_allowed_by_default_when_online(monkeypatch, tmp_path):

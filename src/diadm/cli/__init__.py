@@ -2,7 +2,8 @@
 """The `diadm` command line: `score`, `sample`, `finetune` and `demo`.
 
 Each subcommand lives in its own module of this package with two functions, `add_arguments(parser)` and
-`run(args) -> int`, and is imported only when it is invoked, so `diadm --help` stays fast.
+`run(args) -> int`. Only the module of the subcommand being invoked is imported, so `diadm --help` and
+`diadm --version` do not wait for torch, Lightning and diffusers to load.
 
 Exit codes: 0 on success, 2 on bad arguments (argparse's convention, and our `ValueError`/`TypeError` for bad
 input), 1 on any other failure.
@@ -10,7 +11,6 @@ input), 1 on any other failure.
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,25 +26,33 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every subcommand registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser.
+
+    Args:
+        only: Import and fill in the arguments of this subcommand alone (the others are listed with their help
+            text); None fills in every subcommand.
+    """
     parser = argparse.ArgumentParser(prog="diadm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"diadm {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name, help_text in SUBCOMMANDS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        if only is None or name == only:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {name for name, _, _ in SUBCOMMANDS}
+    # the first word that is not an option names the subcommand; "" imports none (for --help and --version)
+    chosen = next((word for word in argv if not word.startswith("-")), "")
+    parser = build_parser(only=chosen if chosen in names else "")
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

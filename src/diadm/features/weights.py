@@ -129,11 +129,13 @@ def check_sha256(path: Path, spec: WeightsFile, expected: str | None = None) -> 
     return digest
 
 
-def _missing_message(spec: WeightsFile, reason: str) -> str:
+def _missing_message(spec: WeightsFile, reason: str, *, offer_download: bool = True) -> str:
+    # A failed download must not suggest allowing the download; it was allowed.
+    remedy = ", or allow the download with `download=True`" if offer_download else ""
     return (
         f"`{spec.extractor}` weights not found: no file {' or '.join(spec.filenames)} in the torch hub cache"
-        f" {str(cache_dir())!r}, and {reason}. Download {spec.url} and pass its path as `weights=`, or put it in"
-        " that folder, or allow the download with `download=True`."
+        f" {str(cache_dir())!r}, and {reason}. Download {spec.url} and pass its path as `weights=` (`--weights` on"
+        f" the command line), or put it in that folder{remedy}."
     )
 
 
@@ -184,7 +186,7 @@ def resolve_weights(
         # download_url_to_file writes to a temporary file and renames it, and checks the hash prefix itself.
         torch.hub.download_url_to_file(spec.url, str(target), hash_prefix=spec.sha256_prefix, progress=False)
     except (OSError, RuntimeError) as err:
-        raise FileNotFoundError(_missing_message(spec, f"the download failed ({err})")) from err
+        raise FileNotFoundError(_missing_message(spec, f"the download failed ({err})", offer_download=False)) from err
     return target, check_sha256(target, spec, sha256)
 
 

@@ -525,6 +525,7 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool) -> DemoResult
         history[name] = [dict(entry) for entry in callback.history]
 
         # 3. Final samples and scores.
+        log.info("sampling %d images from %s and scoring them", config.num_held_out, name)
         samples = module.sample(config.num_held_out, torch.Generator().manual_seed(seed))
         features = extractor(samples)
         result = image_retrieval_score(train_features, features, held_out_features, seed=seed)

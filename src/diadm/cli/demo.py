@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
         for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # A full run takes minutes: say which phase it is in (on stderr, so stdout stays the table).
+        logging.getLogger("diadm").setLevel(logging.INFO)
     config = demo_config(quick=args.quick, num_steps=args.steps)
     result = run_demo(args.out, config, seed=args.seed, progress=args.progress, num_threads=args.threads)
     lines = [

@@ -15,7 +15,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE, plot_single_or_multi_val
 from typing_extensions import override
 
-from diadm._imports import MATPLOTLIB_AVAILABLE
+from diadm._imports import MATPLOTLIB_AVAILABLE, require
 from diadm.estimator import estimate_irs
 from diadm.features import get_feature_extractor
 from diadm.functional import image_retrieval_score
@@ -206,8 +206,8 @@ class ImageRetrievalScore(Metric):
     computation (per-image retrieval counts, the held-out estimate) stays in `last_result`.
 
     Memory: features are kept as list states on the CPU (`features_on_cpu=True`), whatever device the extractor
-    runs on. A 2048-wide float32 feature takes 8 KiB, so 50,000 images take 400 MiB and the 1.28 million
-    ImageNet training images 10 GiB; `feature_dtype=torch.float16` halves that. At `compute()` the rows are
+    runs on. A 2048-wide float32 feature takes 8 KiB, so 50,000 images take 391 MiB (410 MB) and the 1,281,167
+    ImageNet training images 9.8 GiB; `feature_dtype=torch.float16` halves that. At `compute()` the rows are
     concatenated once (a list of many batches is replaced by one tensor, so the copy is not kept twice) and the
     search works in float32: float16 storage needs a float32 copy of the rows during `compute()`, and one of the
     reference set stays with the cached index. The faiss backend (the default on the CPU when faiss is installed)
@@ -235,10 +235,10 @@ class ImageRetrievalScore(Metric):
         kwargs: Keyword arguments of the torchmetrics `Metric` base class (`dist_sync_fn`, `process_group`, ...).
 
     Raises:
-        TypeError: If `reset_real_features`, `normalize` or `features_on_cpu` is not a bool, `alpha_e` is not a
-            number, `seed` is not an int, or `feature` is neither a name, a module, a callable nor None.
-        ValueError: If `alpha_e` is not in (0, 0.5), `feature_dtype` is neither float32 nor float16, `backend` is
-            unknown, `max_memory_bytes` is not a positive int, or `feature` is an unknown name.
+        TypeError: If `reset_real_features`, `normalize` or `features_on_cpu` is not a bool, `seed` or
+            `max_memory_bytes` is not an int, or `feature` is neither a name, a module, a callable nor None.
+        ValueError: If `alpha_e` is not a number in (0, 0.5), `feature_dtype` is neither float32 nor float16,
+            `backend` is unknown, `max_memory_bytes` is below 1, or `feature` is an unknown name.
 
     Note:
         Distributed runs: states are gathered across processes at `compute()` in the torchmetrics way
@@ -329,7 +329,12 @@ class ImageRetrievalScore(Metric):
             )
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-        if isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, int) or max_memory_bytes < 1:
+        if isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, int):
+            raise TypeError(
+                f"`max_memory_bytes` must be a positive int, got {max_memory_bytes!r}"
+                f" ({type(max_memory_bytes).__name__}); the default is {DEFAULT_MAX_MEMORY_BYTES}."
+            )
+        if max_memory_bytes < 1:
             raise ValueError(
                 f"`max_memory_bytes` must be a positive int, got {max_memory_bytes!r}; the default is"
                 f" {DEFAULT_MAX_MEMORY_BYTES}."
@@ -434,6 +439,11 @@ class ImageRetrievalScore(Metric):
         Raises:
             RuntimeError: If no real training or no generated image was given, or only some processes passed
                 `indices`.
+
+        Note:
+            Called before any `update`, torchmetrics' base class first warns that `compute` ran before `update`;
+            the `RuntimeError` above follows, naming how many rows of each kind arrived. States restored with
+            `load_state_dict` count as updated, so a restored metric computes without that warning.
         """
         rows = {prefix: self._gathered_rows(prefix, words) for prefix, words in _KINDS}
         train, generated, held_out = rows["train"], rows["generated"], rows["held_out"]
@@ -526,7 +536,7 @@ class ImageRetrievalScore(Metric):
             The figure (None when `ax` was given) and the axis.
 
         Raises:
-            ModuleNotFoundError: If matplotlib is not installed.
+            ModuleNotFoundError: If matplotlib is not installed (checked before `compute()` runs).
 
         Example:
             >>> import torch
@@ -541,6 +551,7 @@ class ImageRetrievalScore(Metric):
             >>> sorted(line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_"))
             ['irs_alpha', 'irs_inf', 'irs_inf_lower', 'irs_inf_upper']
         """
+        require(MATPLOTLIB_AVAILABLE, "matplotlib", "demo", "`ImageRetrievalScore.plot`")
         value = _plottable(val if val is not None else self.compute())
         upper = self.plot_upper_bound if _max_plotted(value) <= self.plot_upper_bound else None
         return plot_single_or_multi_val(
@@ -571,6 +582,12 @@ class ImageRetrievalScore(Metric):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         self._invalidate_index()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # a value cached before the load belongs to the old rows
+        self._computed = None
+        # the base class counts `update` calls, which a load does not make; restored rows are updates all the same,
+        # so `compute()` must not warn that it runs before `update`
+        if any(_as_rows(getattr(self, f"{kind}_features")) is not None for kind, _ in _KINDS):
+            self._update_count = max(self._update_count, 1)
 
     # ----------------------------------------------------------------------------------------------------------------
     # private helpers

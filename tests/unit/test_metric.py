@@ -300,17 +300,37 @@ def _computed_pair():
     return metric, _values(metric.compute())
 
 
-@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric ImageRetrievalScore was called before")
 def test_state_dict_round_trip_gives_the_same_value():
     metric, expected = _computed_pair()
     metric.persistent(True)
     buffer = io.BytesIO()
     torch.save(metric.state_dict(), buffer)
     buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
     restored = ImageRetrievalScore(feature=None)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.load_state_dict(state)
     assert restored.train_features[0].shape == (120, 16)
-    assert _values(restored.compute()) == expected
+    with warnings.catch_warnings():
+        # restored rows count as updates: no "compute before update" warning from torchmetrics
+        warnings.simplefilter("error")
+        assert _values(restored.compute()) == expected
+    # a metric that already computed a value of its own: the load must replace the rows and the cached value
+    used = _filled_metric(torch.randn(30, 16), torch.randn(20, 16))
+    assert used.compute()["n_train"].item() == 30
+    used.load_state_dict(state)
+    assert _values(used.compute()) == expected
+
+
+def test_loading_an_empty_state_dict_still_warns_and_refuses():
+    empty = ImageRetrievalScore(feature=None)
+    empty.persistent(True)
+    restored = ImageRetrievalScore(feature=None)
+    restored.load_state_dict(empty.state_dict())
+    with (
+        pytest.warns(UserWarning, match=re.escape("was called before the ``update`` method")),
+        pytest.raises(RuntimeError, match=re.escape("got 0 real training, 0 real held-out, 0 generated")),
+    ):
+        restored.compute()
 
 
 def test_pickle_and_clone_round_trips_give_the_same_value():
@@ -440,6 +460,19 @@ def test_plot_returns_a_figure_for_one_value_and_a_sequence():
     plt.close("all")
 
 
+def test_plot_without_matplotlib_names_both_install_commands(monkeypatch):
+    import diadm.metric
+
+    metric, _ = _computed_pair()
+    monkeypatch.setattr(diadm.metric, "MATPLOTLIB_AVAILABLE", False)
+    message = (
+        "`ImageRetrievalScore.plot` needs `matplotlib`, which is not installed. Install it with"
+        " `pip install 'diadm[demo]'` or `pip install matplotlib`."
+    )
+    with pytest.raises(ModuleNotFoundError, match=re.escape(message)):
+        metric.plot()
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 _IMAGE_ERRORS = [
     pytest.param(
@@ -531,6 +564,20 @@ def test_feature_width_must_not_change():
         pixels.update_features(torch.randn(3, 5), real=True)
 
 
+def test_compute_before_any_update_raises_after_torchmetrics_warning():
+    metric = ImageRetrievalScore(feature=None)
+    expected = (
+        "`ImageRetrievalScore.compute()` needs at least one real training and one generated image, got 0 real"
+        " training, 0 real held-out, 0 generated; add real training images (`real=True`) with `update` or"
+        " `update_features` first."
+    )
+    with (
+        pytest.warns(UserWarning, match=re.escape("was called before the ``update`` method")),
+        pytest.raises(RuntimeError, match=re.escape(expected)),
+    ):
+        metric.compute()
+
+
 def test_compute_before_real_or_generated_images():
     metric = ImageRetrievalScore(feature=None)
     metric.update_features(torch.randn(4, 8), real=False)
@@ -577,6 +624,24 @@ def test_indices_must_be_consistent():
         pytest.param({"backend": "annoy"}, ValueError, "`backend` must be one of ('auto', 'faiss', 'torch')", id="b"),
         pytest.param({"max_memory_bytes": 0}, ValueError, "`max_memory_bytes` must be a positive int, got 0", id="m"),
         pytest.param(
+            {"max_memory_bytes": 1.5e6},
+            TypeError,
+            "`max_memory_bytes` must be a positive int, got 1500000.0 (float); the default is 268435456.",
+            id="m-float",
+        ),
+        pytest.param(
+            {"alpha_e": "0.05"}, ValueError, "`alpha_e` must be a float in (0, 0.5), got '0.05' (str)", id="a-str"
+        ),
+        pytest.param(
+            {"features_on_cpu": 1}, TypeError, "`features_on_cpu` must be a bool, got 1 (int).", id="features-on-cpu"
+        ),
+        pytest.param(
+            {"feature": 3},
+            TypeError,
+            "`feature` must be an extractor name (str), an nn.Module or a callable, got int.",
+            id="feature-int",
+        ),
+        pytest.param(
             {"feature_kwargs": {"size": 4}},
             ValueError,
             "`weights` and `feature_kwargs` configure a feature extractor, but `feature` is None",
@@ -586,7 +651,7 @@ def test_indices_must_be_consistent():
 )
 def test_bad_constructor_arguments(options, error, message):
     with pytest.raises(error, match=re.escape(message)):
-        ImageRetrievalScore(feature=None, **options)
+        ImageRetrievalScore(**{"feature": None, **options})
 
 
 def test_unknown_feature_name_is_refused():

@@ -148,6 +148,43 @@ class FeatureSet:
             return torch.zeros(0, 3, size, size)
         return torch.stack([_resize(self._loader(row), size).float() / 255.0 for row in rows])
 
+    def subset(self, rows: Sequence[int] | Tensor, source: str | None = None) -> "FeatureSet":
+        """The rows `rows` of this set, in that order, as a new set whose names and images follow the rows.
+
+        The skipped files, the cache count and the content fingerprint describe the whole input, so they stay with
+        this set: the new set has none of them.
+
+        Args:
+            rows: Row positions in this set, each in [0, len(self)).
+            source: The new set's `source` label; defaults to this set's.
+
+        Returns:
+            A `FeatureSet` of `len(rows)` rows.
+
+        Raises:
+            IndexError: If a row is outside [0, len(self)).
+
+        Example:
+            >>> whole = FeatureSet(torch.arange(6.0).reshape(3, 2), ["a", "b", "c"], "features", "f.npy")
+            >>> part = whole.subset([2, 0])
+            >>> part.features.tolist(), part.names
+            ([[4.0, 5.0], [0.0, 1.0]], ['c', 'a'])
+        """
+        picked = [int(i) for i in (rows.tolist() if isinstance(rows, Tensor) else rows)]
+        outside = [i for i in picked if not 0 <= i < len(self)]
+        if outside:
+            raise IndexError(
+                f"`rows` must lie in [0, {len(self)}) for the {len(self)} rows of {self.source!r}, got {outside[:5]}."
+            )
+        loader = self._loader
+        return FeatureSet(
+            self.features[picked],
+            [self.names[i] for i in picked],
+            self.kind,
+            self.source if source is None else source,
+            _loader=None if loader is None else (lambda row: loader(picked[row])),
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Finding and decoding files
@@ -268,6 +305,7 @@ def load_array(path: str | os.PathLike) -> Tensor:
     Raises:
         UnreadableFileError: If the file cannot be read.
         ValueError: If the file holds several arrays and none is named `features` or `images`, or no array at all.
+        TypeError: If a NumPy array is not numeric (strings, dates, ...).
     """
     file = Path(path)
     suffix = file.suffix.lower()
@@ -298,11 +336,17 @@ def load_array(path: str | os.PathLike) -> Tensor:
             )
     if isinstance(loaded, np.ndarray):
         if loaded.dtype.kind not in "biuf":
-            raise TypeError(f"the array in {str(file)!r} must be numeric, got numpy dtype {loaded.dtype}.")
+            raise TypeError(
+                f"the array in {str(file)!r} must be numeric, got numpy dtype {loaded.dtype}; store uint8 images or"
+                " floating-point features."
+            )
         return torch.from_numpy(np.ascontiguousarray(loaded))
     if isinstance(loaded, Tensor):
         return loaded
-    raise ValueError(f"{str(file)!r} must hold an array or tensor, got {type(loaded).__name__}.")
+    raise ValueError(
+        f"{str(file)!r} must hold an array or tensor, got {type(loaded).__name__}; save the array itself, e.g."
+        " `np.save(path, array)` or `torch.save(tensor, path)`."
+    )
 
 
 def load_feature_file(path: str | os.PathLike) -> Tensor:
@@ -551,6 +595,7 @@ def extract_features(
         UnreadableFileError: If a file cannot be read and `skip_bad` is false.
         ValueError: If `cache` is given without `extractor_id`, a size or count is not positive, images of different
             sizes give different feature widths, the extractor returns NaN or infinity, or every file was unreadable.
+        TypeError: If `dtype` is not a floating torch dtype.
     """
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -763,6 +808,7 @@ def load_feature_set(
     Raises:
         ValueError: If `path` is missing or unsupported, names no image, `features` is given for image files, or
             an extractor is missing.
+        TypeError: If an array file of images is neither uint8 nor floating point.
         UnreadableFileError: If a file cannot be read (and `skip_bad` is false).
     """
     source = Path(path)

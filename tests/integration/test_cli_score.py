@@ -4,6 +4,7 @@
 import csv
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 from PIL import Image
 
 from diadm.cli import main
-from diadm.functional import image_retrieval_score
+from diadm.cli.score import format_table
+from diadm.functional import image_retrieval_score, split_train_for_test
 from diadm.report import FIGURE_NAMES, HISTOGRAM_TABLE
 
 SIZE = 4
@@ -70,6 +72,15 @@ def _score(data: dict[str, Path], *extra: str) -> int:
     return main(argv)
 
 
+def _assert_page_links_exist(report: Path) -> list[str]:
+    """Every `src=` and `href=` of the report page names a file in the report folder; return the names."""
+    links = re.findall(r"""(?:src|href)=["']([^"']+)["']""", (report / "index.html").read_text())
+    assert links
+    for link in links:
+        assert (report / link).is_file(), link
+    return links
+
+
 def _assert_matches(record: dict, reference: object) -> None:
     assert record["synthetic"]["n_learned"] == reference.synthetic.n_learned
     for key in ("irs_alpha", "irs_inf", "irs_inf_lower", "irs_inf_upper"):
@@ -97,7 +108,9 @@ def test_score_folders_matches_functional(data: dict[str, Path], capsys: pytest.
     assert record["skipped_files"] == []
     out = capsys.readouterr().out
     assert f"synthetic        24       20        8 {reference.synthetic.irs_alpha:>9.4f}" in out
+    assert f"held-out         24       10 {reference.test.n_learned:>8} {reference.test.irs_alpha:>9.4f}" in out
     assert f"adjusted IRS {reference.irs_adjusted:.4f} +- {reference.irs_adjusted_std:.4f}" in out
+    assert out == format_table(reference)
 
 
 def test_cache_reuse_invalidation_and_equal_names(
@@ -111,7 +124,9 @@ def test_cache_reuse_invalidation_and_equal_names(
     assert second["inputs"]["train"]["num_cached"] == 24
     assert second["inputs"]["test"]["num_cached"] == 10
     assert second["inputs"]["synthetic"]["num_cached"] == 0  # generated sets are never cached
-    assert second["retrieval_counts"] == first["retrieval_counts"]
+    reference = image_retrieval_score(_pixels(data["train"]), _pixels(data["synthetic"]), _pixels(data["test"]))
+    _assert_matches(first, reference)
+    _assert_matches(second, reference)  # cached features give the same result
     # Another folder with the same file names (000.png ...) but other pixels: no collision.
     other = tmp_path / "other_train"
     _write_folder(other, [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(24)])
@@ -175,6 +190,7 @@ def test_feature_files_and_report(data: dict[str, Path], tmp_path: Path, rng: np
     assert record["inputs"]["test"]["kind"] == "features"
     # Features only: the histogram (and its table) but no image figures.
     assert sorted(p.name for p in report.iterdir()) == ["index.html", HISTOGRAM_TABLE, FIGURE_NAMES["histogram"]]
+    assert sorted(_assert_page_links_exist(report)) == [HISTOGRAM_TABLE, FIGURE_NAMES["histogram"]]
     with (report / HISTOGRAM_TABLE).open() as handle:
         table = [int(row["num_train_images"]) for row in csv.DictReader(handle)]
     assert table == np.bincount(record["retrieval_counts"]).tolist()
@@ -188,6 +204,7 @@ def test_report_from_images(data: dict[str, Path]) -> None:
     for name in FIGURE_NAMES.values():
         assert (report / name).stat().st_size > 0
         assert f'src="{name}"' in page
+    assert sorted(_assert_page_links_exist(report)) == sorted([*FIGURE_NAMES.values(), HISTOGRAM_TABLE])
     with (report / HISTOGRAM_TABLE).open() as handle:
         table = [int(row["num_train_images"]) for row in csv.DictReader(handle)]
     assert table == np.bincount(record["retrieval_counts"]).tolist()
@@ -213,6 +230,102 @@ def test_skip_bad_lists_file(data: dict[str, Path], capsys: pytest.CaptureFixtur
     _assert_matches(record, reference)
 
 
+def test_split_train_matches_functional(data: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    report = data["json"].parent / "report"
+    assert _score(data, "--split-train", "--seed", "2", "--report", str(report), "--num-show", "24") == 0
+    record = json.loads(data["json"].read_text())
+    train = _pixels(data["train"])
+    reference_half, held_out_half = split_train_for_test(train, seed=2)
+    reference = image_retrieval_score(reference_half, _pixels(data["synthetic"]), held_out_half, seed=2)
+    _assert_matches(record, reference)
+    assert reference.test.n_samples == 12
+    assert reference.synthetic.n_learned >= 2  # some of the 8 reproduced images fell into the reference half
+    # The two halves partition TRAIN's rows, and the reference rows are the rows the score used.
+    split = record["split_train"]
+    assert (split["seed"], split["num_reference"], split["num_held_out"]) == (2, 12, 12)
+    assert sorted(split["reference_rows"] + split["held_out_rows"]) == list(range(24))
+    assert split["reference_rows"] == sorted(split["reference_rows"])
+    torch.testing.assert_close(train[split["reference_rows"]], reference_half, rtol=0, atol=0)
+    # The inputs are described as given; the table has a held-out row from the held-out half.
+    assert record["inputs"]["train"]["num_images"] == 24
+    assert "test" not in record["inputs"]
+    assert record["settings"]["split_train"] is True
+    assert capsys.readouterr().out == format_table(reference)
+    # The report names the TRAIN file of each reference-half index it shows.
+    files = sorted(data["train"].glob("*.png"))
+    listed = re.findall(r"<li>(\d+): ([^<]+)</li>", (report / "index.html").read_text())
+    train_listed = [(int(i), name) for i, name in listed if str(data["train"]) in name]
+    assert len(train_listed) >= 12
+    for index, name in train_listed:
+        assert name == str(files[split["reference_rows"][index]])
+    _assert_page_links_exist(report)
+
+
+def test_mixed_inputs_folder_array_and_csv(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture
+) -> None:
+    """Recursive folder of PNG/JPEG/WebP in several sizes and modes, an image array, a CSV list."""
+    train = tmp_path / "train"
+    (train / "sub" / "deeper").mkdir(parents=True)
+    arrays = {
+        "a.png": (rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), None),
+        "B.PNG": (rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), None),
+        "gray.png": (rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8), "L"),
+        "sub/rgba.png": (rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8), "RGBA"),
+        # Larger images of one colour: resizing them to 4 x 4 keeps every pixel, so the reference needs no resize.
+        "sub/deeper/big.jpg": (np.full((16, 16, 3), (200, 40, 90), np.uint8), None),
+        "sub/wide.webp": (np.full((8, 12, 3), (10, 220, 130), np.uint8), None),
+        "sub/gray6.png": (np.full((6, 6), 77, np.uint8), "L"),
+    }
+    for name, (array, mode) in arrays.items():
+        image = Image.fromarray(array, mode=mode)
+        image.save(train / name, **({"lossless": True} if name.endswith(".webp") else {"quality": 95}))
+    (train / "notes.txt").write_text("not an image")
+    # Independent reference: PIL decode to RGB (alpha dropped, gray repeated), a one-colour image shrunk by numpy.
+    rows = {}
+    for name in arrays:
+        rgb = np.asarray(Image.open(train / name).convert("RGB"), dtype=np.float32)
+        if rgb.shape[:2] != (SIZE, SIZE):
+            assert np.ptp(rgb.reshape(-1, 3), axis=0).max() == 0  # the decoded image is one colour
+            rgb = np.broadcast_to(rgb[:1, :1], (SIZE, SIZE, 3))
+        rows[name] = rgb.transpose(2, 0, 1).reshape(-1) / 255.0
+    order = sorted(arrays)  # find_images sorts by the relative path
+    train_features = torch.from_numpy(np.stack([rows[name] for name in order]))
+    # Synthetic: a CSV list (header, relative paths, out of name order) of images, three of them copying training
+    # images exactly (as decoded); the query order shows in `nearest_train_index`.
+    copies = [(rows[order[i]] * 255).round().reshape(3, SIZE, SIZE).transpose(1, 2, 0) for i in (0, 2, 5)]
+    synthetic = [a.astype(np.uint8) for a in copies] + [
+        rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8) for _ in range(5)
+    ]
+    _write_folder(tmp_path / "synth", synthetic)
+    listed = [3, 0, 7, 1, 6, 2, 5, 4]
+    (tmp_path / "synth.csv").write_text("label,path\n" + "".join(f"{i},synth/{i:03d}.png\n" for i in listed))
+    synthetic_features = torch.from_numpy(
+        np.stack([synthetic[i].transpose(2, 0, 1).reshape(-1) / 255.0 for i in listed]).astype(np.float32)
+    )
+    # Held-out: a channels-last uint8 image array.
+    held_out = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    np.save(tmp_path / "held.npy", held_out)
+    test_features = torch.from_numpy(held_out.transpose(0, 3, 1, 2).reshape(4, -1).astype(np.float32) / 255.0)
+    out = tmp_path / "r.json"
+    common = ["score", str(train), str(tmp_path / "synth.csv"), "--test", str(tmp_path / "held.npy")]
+    options = ["--feature", "pixels", "--no-progress", "--no-cache", "--json", str(out), "--seed", "1"]
+    assert main([*common, *options, "--image-size", str(SIZE)]) == 0
+    record = json.loads(out.read_text())
+    reference = image_retrieval_score(train_features, synthetic_features, test_features, seed=1)
+    _assert_matches(record, reference)
+    assert reference.synthetic.n_learned >= 2
+    assert record["inputs"]["train"]["kind"] == "image_files"
+    assert record["inputs"]["train"]["num_images"] == len(arrays)
+    assert record["inputs"]["synthetic"]["kind"] == "image_files"
+    assert record["inputs"]["test"]["kind"] == "image_array"
+    assert record["nearest_train_index"][1] == 0  # the second listed file, 000.png, copies training row 0
+    # Without a common size, flattened pixels of mixed sizes cannot be compared: exit 2 naming the fix.
+    capsys.readouterr()
+    assert main([*common, *options]) == 2
+    assert "pass `--image-size N` to resize every image of" in capsys.readouterr().err
+
+
 ERROR_CASES = [
     (["{t}/missing", "{s}"], "`TRAIN` must be an existing folder or file, got '{t}/missing', which does not exist."),
     (["{t}/empty", "{s}"], "holds no image files (.png, .jpg, .jpeg, .webp, searched recursively)"),
@@ -226,6 +339,15 @@ ERROR_CASES = [
     (["{tr}", "{s}", "--weights", "{t}/f5.npy"], "`pixels` features use no weights"),
     (["{tr}", "{s}", "--device", "nonsense"], "`--device` must be cpu, cuda, cuda:N or auto, got 'nonsense'."),
     (["{tr}", "{s}", "--test", "{t}/nope"], "`--test` must be an existing folder or file, got '{t}/nope'"),
+    (
+        ["{tr}", "{s}", "--split-train", "--test", "{s}"],
+        "`--split-train` holds out half of TRAIN in place of a held-out set, got it together with `--test` '{s}';",
+    ),
+    (
+        ["{t}/f5x3.npy", "{t}/f5.npy", "--features", "--split-train"],
+        "`--split-train` needs at least 4 images in `TRAIN` (2 per half), got 3 in '{t}/f5x3.npy';",
+    ),
+    (["{t}/strings.npy", "{t}/f5.npy", "--features"], "must be numeric, got numpy dtype <U1; store uint8 images"),
 ]
 ERROR_IDS = [
     "missing",
@@ -240,6 +362,9 @@ ERROR_IDS = [
     "weights-pixels",
     "device",
     "missing-test",
+    "split-and-test",
+    "split-too-small",
+    "string-array",
 ]
 
 
@@ -252,6 +377,8 @@ def test_bad_inputs_exit_2(
     np.save(tmp_path / "f5.npy", np.ones((4, 5), np.float32))
     np.save(tmp_path / "f6.npy", np.ones((4, 6), np.float32))
     np.save(tmp_path / "ints.npy", np.ones((4, 6), np.uint8))
+    np.save(tmp_path / "f5x3.npy", np.ones((3, 5), np.float32))
+    np.save(tmp_path / "strings.npy", np.array(["a", "b"]))
     values = {"t": str(tmp_path), "s": str(data["synthetic"]), "tr": str(data["train"])}
     argv = [a.format(**values) for a in argv]
     code = main(["score", *argv, "--feature", "pixels", "--no-progress", "--cache-dir", str(data["cache"])])

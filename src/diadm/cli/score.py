@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """`diadm score`: the Image Retrieval Score of folders or files of images or features, with an optional report.
 
-    diadm score TRAIN SYNTH [--test TEST] [--feature swav|inception|pixels] [--weights PATH] [--device DEVICE]
-                [--batch-size N] [--workers N] [--json OUT] [--report DIR] [--features] [--skip-bad] ...
+    diadm score TRAIN SYNTH [--test TEST | --split-train] [--feature swav|inception|pixels] [--weights PATH]
+                [--device DEVICE] [--batch-size N] [--workers N] [--json OUT] [--report DIR] [--features] ...
 
 TRAIN, SYNTH and TEST are folders of PNG/JPEG/WebP images (searched recursively), CSV lists of image files, or
 `.npy`/`.npz`/`.pt` files of images, or of precomputed (N, D) features with `--features`. Features of the real sets
@@ -11,8 +11,20 @@ same training set extracts only the synthetic images. The command prints a short
 JSON with `--json` (extractor, weights checksum, seed, package versions, skipped files), and figures plus an HTML
 page with `--report`.
 
+Without held-out real images, `--split-train` holds out a seeded random half of TRAIN as the held-out set (SPEC.md
+section 2.7): the rows are `torch.randperm(N, generator=torch.Generator().manual_seed(seed))`, the first `N // 2`
+held out, the same split as `diadm.functional.split_train_for_test`. The JSON lists both halves' TRAIN rows.
+
+Note:
+    With `--split-train` the reference is only half of TRAIN, so IRS_alpha and IRS_inf (and `N_train` in the table,
+    `nearest_train_index` and `retrieval_counts` in the JSON) describe that half, and each bound is a little wider
+    than against the whole set. Map `nearest_train_index` to TRAIN rows through `split_train.reference_rows`. For
+    the coverage of the whole training set, score once without `--split-train` as well, or pass real held-out
+    images with `--test`.
+
 Exit codes: 0 on success; 2 on bad arguments or inputs (argparse errors, a missing or empty input, too few images,
-mismatched feature widths); 1 on other failures (an unreadable file without `--skip-bad`, missing weights, ...).
+mismatched feature widths); 1 on other failures (an unreadable file without `--skip-bad`, missing weights, ...);
+130 when interrupted with Ctrl-C (the finished chunks of the feature cache are kept).
 """
 
 import argparse
@@ -89,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("train", metavar="TRAIN", help="training images: folder, CSV list, or .npy/.npz/.pt file")
     parser.add_argument("synthetic", metavar="SYNTH", help="generated images: folder, CSV list, or array file")
     parser.add_argument("--test", metavar="TEST", help="held-out real images, for the adjusted IRS")
+    parser.add_argument(
+        "--split-train",
+        action="store_true",
+        help="no held-out set: hold out a random half of TRAIN (seeded by --seed) for the adjusted IRS; the scores"
+        " then describe the other half",
+    )
     parser.add_argument(
         "--feature",
         default="swav",
@@ -221,7 +239,7 @@ def format_table(result: Any) -> str:
         queries     N_train        n        k IRS_alpha  IRS_inf  bounds
         ----------------------------------------------------------------
         synthetic         4        3        2    0.5000   0.5000  [0.5000, 1.0000]
-        adjusted IRS: pass --test with held-out real images
+        adjusted IRS: pass --test with held-out real images (or --split-train)
     """
     header = f"{'queries':<10} {'N_train':>8} {'n':>8} {'k':>8} {'IRS_alpha':>9} {'IRS_inf':>8}  bounds"
     lines = [header, "-" * len(header)]
@@ -237,7 +255,7 @@ def format_table(result: Any) -> str:
             f" (std over {result.num_subsets} synthetic subset(s))"
         )
     else:
-        lines.append("adjusted IRS: pass --test with held-out real images")
+        lines.append("adjusted IRS: pass --test with held-out real images (or --split-train)")
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +269,11 @@ def run(args: argparse.Namespace) -> int:
     # 1. Arguments that argparse cannot check alone.
     for flag, value in (("TRAIN", args.train), ("SYNTH", args.synthetic), ("--test", args.test)):
         _check_path(flag, value)
+    if args.split_train and args.test is not None:
+        raise ValueError(
+            f"`--split-train` holds out half of TRAIN in place of a held-out set, got it together with `--test`"
+            f" {args.test!r}; pass one of them."
+        )
     if args.weights is not None and args.features:
         raise ValueError("`--weights` has no effect with `--features` (precomputed features); leave one of them out.")
     _check_path("--weights", args.weights)
@@ -304,18 +327,33 @@ def run(args: argparse.Namespace) -> int:
         if path is None:
             continue
         extra = {**options, "desc": f"{name} features"} if options else {}
-        sets[name] = load_feature_set(
-            path,
-            extractor,
-            features=args.features,
-            extractor_id=extractor_info["fingerprint"],
-            cache=cache if use_cache else None,
-            **extra,
-        )
+        try:
+            sets[name] = load_feature_set(
+                path,
+                extractor,
+                features=args.features,
+                extractor_id=extractor_info["fingerprint"],
+                cache=cache if use_cache else None,
+                **extra,
+            )
+        except ValueError as err:
+            # An extractor whose width follows the image size (`pixels`) names its own keyword argument; on the
+            # command line the fix is `--image-size`.
+            if args.features or args.image_size is not None or "width" not in str(err) or "--image-size" in str(err):
+                raise
+            raise ValueError(
+                f"{err} On the command line: pass `--image-size N` to resize every image of `{path}` to N x N."
+            ) from err
         if args.features and args.feature_dtype is not None:
             sets[name].features = sets[name].features.to(dtype)
         log.info("%s: %d feature vectors from %s", name, len(sets[name]), path)
     _check_sets(sets)
+    # The record describes the inputs as given, before any split.
+    inputs = {name: _set_dict(s) for name, s in sets.items()}
+    skipped = [{"set": name, "path": i.path, "reason": i.reason} for name, s in sets.items() for i in s.skipped]
+    split = None
+    if args.split_train:
+        sets, split = _split_train(sets, args.seed)
     extracted, extracted_cpu = time.perf_counter(), time.process_time()
 
     # 4. Exact retrieval and the estimates.
@@ -351,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 5. Output: the table, the JSON record, the report.
     sys.stdout.write(format_table(result))
-    record = _record(args, result, sets, extractor_info, timings)
+    record = _record(args, result, inputs, skipped, extractor_info, timings, split)
     if args.json is not None:
         target = Path(args.json)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -380,13 +418,46 @@ def _check_sets(sets: dict[str, Any]) -> None:
             )
 
 
+def _split_train(sets: dict[str, Any], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replace TRAIN by a seeded random half and use the other half as the held-out set (SPEC.md section 2.7).
+
+    The permutation is the one `diadm.functional.split_train_for_test` draws: the first `N // 2` rows of
+    `torch.randperm(N)` under `torch.Generator().manual_seed(seed)` are held out, and both halves keep TRAIN's order.
+    """
+    train = sets["train"]
+    if len(train) < 4:
+        raise ValueError(
+            f"`--split-train` needs at least 4 images in `TRAIN` (2 per half), got {len(train)} in {train.source!r};"
+            " pass a larger training set, or held-out images with `--test`."
+        )
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    half = len(train) // 2
+    held_out_rows, reference_rows = order[:half].sort().values, order[half:].sort().values
+    split_sets = {
+        **sets,
+        "train": train.subset(reference_rows, f"{train.source} (reference half)"),
+        "test": train.subset(held_out_rows, f"{train.source} (held-out half)"),
+    }
+    split = {
+        "seed": seed,
+        "num_reference": len(reference_rows),
+        "num_held_out": len(held_out_rows),
+        "reference_rows": reference_rows.tolist(),
+        "held_out_rows": held_out_rows.tolist(),
+    }
+    return split_sets, split
+
+
 def _record(
-    args: argparse.Namespace, result: Any, sets: dict[str, Any], extractor: dict[str, Any], timings: dict[str, float]
+    args: argparse.Namespace,
+    result: Any,
+    inputs: dict[str, Any],
+    skipped: list[dict[str, str]],
+    extractor: dict[str, Any],
+    timings: dict[str, float],
+    split: dict[str, Any] | None,
 ) -> dict[str, Any]:
     counts = result.retrieval_counts
-    skipped = [
-        {"set": name, "path": item.path, "reason": item.reason} for name, s in sets.items() for item in s.skipped
-    ]
     return {
         "diadm_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -401,7 +472,8 @@ def _record(
         "synthetic": _estimate_dict(result.synthetic),
         "test": _estimate_dict(result.test),
         "num_never_retrieved": int((counts == 0).sum()),
-        "inputs": {name: _set_dict(s) for name, s in sets.items()},
+        "inputs": inputs,
+        "split_train": split,
         "extractor": extractor,
         "settings": {
             "seed": args.seed,
@@ -411,6 +483,7 @@ def _record(
             "feature_dtype": args.feature_dtype,
             "features": args.features,
             "skip_bad": args.skip_bad,
+            "split_train": args.split_train,
         },
         "skipped_files": skipped,
         "versions": _versions(),

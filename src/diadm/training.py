@@ -44,6 +44,16 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _CACHE_VERSION = "diadm-training-features-1"
 # Key under which the fingerprint of the training data is stored in Lightning checkpoints.
 _DATA_KEY = "diadm_train_data_fingerprint"
+# Key under which the states of the module's own generators (`seed` given) are stored in Lightning checkpoints.
+_RNG_KEY = "diadm_generator_states"
+
+
+def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Two independent CPU generators derived from `seed`: one for the data order, one for the training noise."""
+    children = np.random.SeedSequence(seed).spawn(2)
+    # 63 bits: `manual_seed` takes any non-negative int below 2**64, and the top bit is not needed.
+    seeds = [int(child.generate_state(1, np.uint64)[0] >> np.uint64(1)) for child in children]
+    return torch.Generator().manual_seed(seeds[0]), torch.Generator().manual_seed(seeds[1])
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -232,7 +242,8 @@ class DiADMModule(LightningModule):
     The EMA weights are the ones `sample`, `pipeline` and `save` use.
 
     With `conditional=False` the same module trains the unconditional baseline: the UNet is left unconditional and no
-    features are computed, so both runs get the same data, budget and optimizer.
+    features are computed, so both runs get the same data, budget, optimizer and EMA. Give both the same `seed` for
+    the same data order, noise and timesteps at every step as well.
 
     Images are float tensors of shape (N, C, H, W) in [0, 1] (or uint8 in [0, 255]); pixel models see them mapped to
     [-1, 1], as diffusers' unconditional pipelines output them.
@@ -259,6 +270,13 @@ class DiADMModule(LightningModule):
         sample_batch_size: Images per pipeline call in `sample`.
         cache_dir: Folder of a `FeatureCache` for the training features, or None to always compute them.
         extraction_batch_size: Images per batch when computing features and latents.
+        seed: Seeds the module's own generators for the data order (the shuffle of `train_dataloader`) and for the
+            training noise and timesteps, so that DiADM and its baseline built with the same `seed` see the same
+            batches, noise and timesteps at every step (condition dropout draws from the global generator and does
+            not shift them); their states go into Lightning checkpoints. None draws all of them from the global
+            generator (seed it with `seed_everything`): then the two runs see different batches and noise from the
+            first step on, even after the same `seed_everything`, because converting the UNet (a fresh
+            `UNet2DModel` is initialised before the weights are copied) and condition dropout consume that stream.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -272,7 +290,8 @@ class DiADMModule(LightningModule):
         Resuming from a Lightning checkpoint needs a module built with the same images: the checkpoint stores their
         fingerprint and `on_load_checkpoint` refuses another set. The data loader is not resumable, so a run resumed
         from a mid-epoch checkpoint reshuffles that epoch (Lightning warns); weights, optimizer, EMA and step count
-        are restored exactly.
+        are restored exactly, and with `seed` so are the noise stream and the data-order generator (the resumed
+        epoch then gets the next permutation, not the rest of the interrupted one).
 
     Note:
         `sample` conditions the samples on *distinct* bank rows by default (SPEC.md section 3). Their retrievals are
@@ -320,6 +339,7 @@ class DiADMModule(LightningModule):
         sample_batch_size: int = 256,
         cache_dir: str | os.PathLike | None = None,
         extraction_batch_size: int = 256,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self._check_arguments(
@@ -334,6 +354,10 @@ class DiADMModule(LightningModule):
             sample_batch_size=sample_batch_size,
             extraction_batch_size=extraction_batch_size,
         )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"`seed` must be an integer or None, got {seed!r} ({type(seed).__name__}).")
+        if seed is not None and seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer or None, got {seed}.")
         self.save_hyperparameters(
             "conditional",
             "condition_dropout",
@@ -343,6 +367,7 @@ class DiADMModule(LightningModule):
             "ema_decay",
             "batch_size",
             "num_inference_steps",
+            "seed",
         )
         self.conditional = bool(conditional)
         self.condition_dropout = float(condition_dropout)
@@ -355,6 +380,11 @@ class DiADMModule(LightningModule):
         self.num_inference_steps = int(num_inference_steps)
         self.sample_batch_size = int(sample_batch_size)
         self.extraction_batch_size = int(extraction_batch_size)
+        self.seed = seed
+        self._data_generator: torch.Generator | None = None
+        self._noise_generator: torch.Generator | None = None
+        if seed is not None:
+            self._data_generator, self._noise_generator = _seeded_generators(seed)
 
         # 1. Components, copied so the caller's objects are never trained in place.
         unet, pretrained_scheduler, pretrained_autoencoder = load_pretrained(pretrained)
@@ -530,7 +560,13 @@ class DiADMModule(LightningModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of (denoiser inputs, image indices), shuffled."""
         dataset = TensorDataset(self._inputs, torch.arange(self.num_train_images))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=self._data_generator,
+        )
 
     @override
     def forward(self, sample: Tensor, timestep: Tensor, features: Tensor | None = None) -> Tensor:
@@ -549,9 +585,15 @@ class DiADMModule(LightningModule):
         Returns:
             The mean squared error between the prediction and the `prediction_type` target, in float32.
         """
-        noise = torch.randn_like(inputs)
         num_timesteps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (inputs.shape[0],), device=inputs.device, dtype=torch.long)
+        if self._noise_generator is None:
+            noise = torch.randn_like(inputs)
+            timesteps = torch.randint(0, num_timesteps, (inputs.shape[0],), device=inputs.device, dtype=torch.long)
+        else:
+            # Drawn on the CPU from the module's generator, so the stream is the same on every device.
+            generator = self._noise_generator
+            noise = torch.randn(inputs.shape, generator=generator).to(device=inputs.device, dtype=inputs.dtype)
+            timesteps = torch.randint(0, num_timesteps, (inputs.shape[0],), generator=generator).to(inputs.device)
         noisy = self.scheduler.add_noise(inputs, noise, timesteps)
         features = self.feature_bank[indices] if self.feature_bank is not None else None
         prediction = self(noisy, timesteps, features)
@@ -611,6 +653,11 @@ class DiADMModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_DATA_KEY] = self.data_fingerprint
+        if self._data_generator is not None and self._noise_generator is not None:
+            checkpoint[_RNG_KEY] = {
+                "data": self._data_generator.get_state(),
+                "noise": self._noise_generator.get_state(),
+            }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -621,6 +668,10 @@ class DiADMModule(LightningModule):
                 f" {stored[:12]}...) than this module's ({self.data_fingerprint[:12]}...); build the module with the"
                 " same training images to resume."
             )
+        states = checkpoint.get(_RNG_KEY)
+        if states is not None and self._data_generator is not None and self._noise_generator is not None:
+            self._data_generator.set_state(states["data"])
+            self._noise_generator.set_state(states["noise"])
 
     def feature_indices(self, num_images: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw which bank feature conditions each of `num_images` samples: one per sample, without repeats.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel, VQModel
-from lightning.pytorch import Trainer
+from lightning.pytorch import Trainer, seed_everything
 from PIL import Image
 
 from diadm.cli import main
@@ -108,6 +108,66 @@ def test_baseline_trains_with_the_same_budget_and_saves_a_ddpm_pipeline(images, 
     assert images_out.shape == (2, 8, 8, 1)
 
 
+def record_training(module: DiADMModule) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Record (image indices, noise, timesteps) of every training step of `module`."""
+    seen: list = []
+    loss, add_noise = module.loss, module.scheduler.add_noise
+
+    def recording_loss(inputs, indices):
+        seen.append([indices.clone()])
+        return loss(inputs, indices)
+
+    def recording_add_noise(original, noise, timesteps):
+        seen[-1] += [noise.clone(), timesteps.clone()]
+        return add_noise(original, noise, timesteps)
+
+    module.loss = recording_loss
+    module.scheduler.add_noise = recording_add_noise
+    return seen
+
+
+def train_pair(images, seed, max_steps=8):
+    """Train DiADM and its baseline (8 steps of 4 of 16 images: two epochs) as the demo does; return their steps."""
+    steps = {}
+    for conditional in (True, False):
+        seed_everything(0, verbose=False)
+        module = DiADMModule(
+            tiny_unet(),
+            images,
+            scheduler=DDPMScheduler(num_train_timesteps=100),
+            feature="pixels",
+            conditional=conditional,
+            condition_dropout=0.5,
+            batch_size=4,
+            seed=seed,
+        )
+        steps[conditional] = record_training(module)
+        quiet_trainer(max_steps=max_steps).fit(module)
+    return steps[True], steps[False]
+
+
+def test_seeded_baseline_sees_the_same_batches_noise_and_timesteps_as_diadm(images):
+    diadm, baseline = train_pair(images, seed=0)
+    assert len(diadm) == len(baseline) == 8
+    for step, (ours, theirs) in enumerate(zip(diadm, baseline, strict=True)):
+        for name, mine, other in zip(("indices", "noise", "timesteps"), ours, theirs, strict=True):
+            assert torch.equal(mine, other), (step, name)
+    first_epoch = torch.cat([step[0] for step in diadm[:4]])
+    second_epoch = torch.cat([step[0] for step in diadm[4:]])
+    # Each epoch is a shuffle of all 16 images, and the second is another one.
+    assert sorted(first_epoch.tolist()) == sorted(second_epoch.tolist()) == list(range(NUM_TRAIN))
+    assert first_epoch.tolist() != list(range(NUM_TRAIN))
+    assert not torch.equal(first_epoch, second_epoch)
+
+
+def test_unseeded_baseline_sees_other_batches_and_noise_than_diadm(images):
+    # Pins the documented behaviour of `seed=None`: even after the same `seed_everything`, converting the UNet (a
+    # fresh UNet2DModel is initialised before the weights are copied) and condition dropout consume the global stream.
+    diadm, baseline = train_pair(images, seed=None, max_steps=1)
+    assert not torch.equal(diadm[0][0], baseline[0][0])
+    assert not torch.equal(diadm[0][1], baseline[0][1])
+
+
 def test_latent_pipeline_is_encoded_once_and_sampled_through_the_autoencoder(tmp_path):
     torch.manual_seed(0)
     vqvae = VQModel(
@@ -146,25 +206,37 @@ def write_digit_folder(folder, count: int = 12) -> None:
 
 
 @pytest.mark.slow
-def test_finetune_cli_end_to_end_with_resume(tmp_path, capsys):
+def test_finetune_cli_end_to_end_with_resume(tmp_path, capsys, monkeypatch):
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "pre")
     write_digit_folder(tmp_path / "data")
     out = tmp_path / "out"
     common = ["finetune", "--pretrained", str(tmp_path / "pre"), "--data", str(tmp_path / "data"), "--out", str(out)]
-    common += ["--feature", "pixels", "--batch-size", "4", "--checkpoint-every", "1", "--no-progress"]
+    common += ["--feature", "pixels", "--batch-size", "4", "--checkpoint-every", "2", "--no-progress"]
     common += ["--num-inference-steps", "2", "--warmup-steps", "1"]
-    assert main([*common, "--max-steps", "2"]) == 0
-    assert "after 2 steps" in capsys.readouterr().out
-    assert (out / "checkpoints" / "last.ckpt").is_file()
+    trained_steps = []
+    training_step = DiADMModule.training_step
+
+    def counting_step(self, batch, batch_idx):
+        trained_steps.append(batch_idx)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiADMModule, "training_step", counting_step)
+    assert main([*common, "--max-steps", "3"]) == 0
+    assert "after 3 steps" in capsys.readouterr().out
+    assert len(trained_steps) == 3
+    # The final step is resumable although 3 is no multiple of --checkpoint-every.
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     first = DiADMPipeline.from_pretrained(out / "pipeline")
     assert first.feature_bank.shape == (12, 64)
 
-    assert main([*common, "--max-steps", "4", "--resume", "last", "--irs-every", "4", "--irs-samples", "4"]) == 0
-    assert "after 4 steps" in capsys.readouterr().out
+    trained_steps.clear()
+    assert main([*common, "--max-steps", "5", "--resume", "last", "--irs-every", "4", "--irs-samples", "4"]) == 0
+    assert "after 5 steps" in capsys.readouterr().out
+    assert len(trained_steps) == 2  # a run that ignored --resume would train 5 steps from scratch
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == 4
-    assert int(checkpoint["state_dict"]["ema_num_updates"]) == 4  # 2 before the resume, 2 after
+    assert checkpoint["global_step"] == 5
+    assert int(checkpoint["state_dict"]["ema_num_updates"]) == 5  # 3 before the resume, 2 after
     callback_states = [state for key, state in checkpoint["callbacks"].items() if key.startswith("IRSCallback")]
     assert [entry["global_step"] for entry in callback_states[0]["history"]] == [4]
 

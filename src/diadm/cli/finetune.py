@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """`diadm finetune`: fine-tune an unconditional diffusers model on a folder of images into DiADM.
 
-Writes into `--out`: `checkpoints/` (Lightning checkpoints, `last.ckpt` included, for `--resume`), `runs/`
-(TensorBoard logs, or W&B with `--logger wandb`) and `pipeline/` (the EMA weights as a `DiADMPipeline`, or a
-`DDPMPipeline`/`LDMPipeline` with `--unconditional`).
+Writes into `--out`: `checkpoints/` (Lightning checkpoints every `--checkpoint-every` steps, and `last.ckpt`, which
+holds the final step, for `--resume`), `runs/` (TensorBoard logs, or W&B with `--logger wandb`) and `pipeline/` (the
+EMA weights as a `DiADMPipeline`, or a `DDPMPipeline`/`LDMPipeline` with `--unconditional`). The same `--seed` gives
+DiADM and its `--unconditional` baseline the same initial weights, data order, noise and timesteps.
 """
 
 import argparse
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--irs-samples", type=_positive_int, default=1000, help="samples per IRS evaluation")
     parser.add_argument("--num-inference-steps", type=_positive_int, default=50, help="sampling steps")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (default: OUT/cache)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -134,13 +135,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_inference_steps=args.num_inference_steps,
         cache_dir=args.cache_dir if args.cache_dir is not None else out / "cache",
+        seed=args.seed,
     )
 
     # 2. Trainer: logger, checkpoints, optional IRS.
     logger = _logger(args.logger, out)
-    callbacks: list[Any] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args.checkpoint_every, save_last=True)
-    ]
+    every = args.checkpoint_every
+    callbacks: list[Any] = [ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=every, save_last=True)]
     if args.irs_every is not None:
         from diadm.callback import IRSCallback
 
@@ -167,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
         log_every_n_steps=max(1, min(50, args.max_steps, -(-images.shape[0] // args.batch_size))),
     )
     trainer.fit(module, ckpt_path=resume)
+    if trainer.global_step % args.checkpoint_every != 0:
+        # ModelCheckpoint saves every `--checkpoint-every` steps only: keep the last steps resumable too.
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
 
     # 3. The EMA weights as a pipeline.
     saved = module.save(out / "pipeline")

@@ -167,11 +167,44 @@ def test_sample_command_writes_the_images(saved_pipeline, tmp_path, monkeypatch)
     assert counted == [(5, "diadm sample"), 2, 2, 1]
 
 
+def test_sample_command_writes_what_the_pipeline_samples(saved_pipeline, tmp_path):
+    out = tmp_path / "samples"
+    argv = ["sample", str(saved_pipeline), "--num-images", "3", "--out", str(out), "--batch-size", "2"]
+    assert main([*argv, "--steps", "2", "--seed", "5", "--device", "cpu"]) == 0
+    pipeline = DiADMPipeline.from_pretrained(saved_pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = seeded(5)
+    expected = [pipeline(batch_size=count, generator=generator, num_inference_steps=2).images for count in (2, 1)]
+    for index, image in enumerate(expected[0] + expected[1]):
+        with Image.open(out / f"{index:06d}.png") as written:
+            np.testing.assert_array_equal(np.asarray(written), np.asarray(image))  # PNG is lossless
+    assert np.asarray(expected[0][0]).std() > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num-images", "0"], "argument --num-images: expected a positive integer, got 0"),
+        (["--num-images", "two"], "argument --num-images: expected a positive integer, got 'two'"),
+        (["--num-images", "1", "--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
+    ],
+    ids=["zero", "word", "scheduler"],
+)
+def test_sample_command_usage_errors_exit_2(saved_pipeline, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(saved_pipeline), "--out", str(tmp_path / "samples"), *extra])
+    assert exit_info.value.code == 2
+    assert re.search(re.escape(message), capsys.readouterr().err)
+
+
 def test_sample_command_reports_bad_input(saved_pipeline, tmp_path, capsys):
     out = str(tmp_path / "samples")
     assert main(["sample", str(tmp_path / "missing"), "--num-images", "1", "--out", out]) == 2
-    assert "MODEL_DIR must be a directory written by DiADMPipeline.save_pretrained" in capsys.readouterr().err
+    expected = "`MODEL_DIR` must be a directory written by DiADMPipeline.save_pretrained, got"
+    assert re.search(re.escape(expected) + r" '.*missing' \(no directory\)", capsys.readouterr().err)
+    (tmp_path / "empty").mkdir()
+    assert main(["sample", str(tmp_path / "empty"), "--num-images", "1", "--out", out]) == 2
+    assert "(a directory without model_index.json)" in capsys.readouterr().err
     assert main(["sample", str(saved_pipeline), "--num-images", "1", "--out", out, "--guidance-scale", "-1"]) == 2
     assert re.search(re.escape("`guidance_scale` must be a finite number >= 0, got -1.0"), capsys.readouterr().err)
-    with pytest.raises(SystemExit):
-        main(["sample", str(saved_pipeline), "--num-images", "0", "--out", out])
+    assert not (tmp_path / "samples").exists()  # nothing is written before the arguments are checked

@@ -17,9 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
@@ -59,16 +62,19 @@ def run(args: argparse.Namespace) -> int:
         0 on success.
 
     Raises:
-        ValueError: If `MODEL_DIR` is not a directory, or as `DiADMPipeline.__call__` does.
+        ValueError: If `MODEL_DIR` is not a directory holding `model_index.json`, or as `DiADMPipeline.__call__`
+            does.
     """
     import diffusers
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
     from diadm.pipelines.pipeline_diadm import DiADMPipeline
 
-    if not args.model_dir.is_dir():
+    if not (args.model_dir / "model_index.json").is_file():
+        found = "a directory without model_index.json" if args.model_dir.is_dir() else "no directory"
         raise ValueError(
-            f"MODEL_DIR must be a directory written by DiADMPipeline.save_pretrained, got {str(args.model_dir)!r}."
+            f"`MODEL_DIR` must be a directory written by DiADMPipeline.save_pretrained, got {str(args.model_dir)!r}"
+            f" ({found}); save a pipeline with `pipeline.save_pretrained(MODEL_DIR)` or `diadm finetune`."
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = DiADMPipeline.from_pretrained(args.model_dir).to(device)
@@ -76,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
         scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    os.makedirs(args.out, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    # Check the sampling arguments (guidance against the model, for one) before anything is written.
+    first_batch = min(args.batch_size, args.num_images)
+    pipeline.check_inputs(first_batch, None, None, generator, args.steps, args.guidance_scale, "pil")
+    os.makedirs(args.out, exist_ok=True)
     written = 0
     with tqdm(total=args.num_images, desc="diadm sample", unit="image") as progress:
         while written < args.num_images:

@@ -5,12 +5,17 @@ Every extractor takes images of shape (N, C, H, W) with C in {1, 3} (grayscale i
 that need it), either uint8 in [0, 255] or floating in [0, 1], and returns float32 features of shape
 (N, num_features). Extractors stay in eval mode and run without grad.
 
-| name | network | features | weights |
-| --- | --- | --- | --- |
-| `"swav"` | torchvision ResNet-50, SwAV weights | 2048, average pool | `swav_800ep_pretrain.pth.tar` |
-| `"inception"` | the FID Inception-v3 | 2048, pool | `pt_inception-2015-12-05-6726825d.pth` |
-| `"pixels"` | none | C * H * W | none |
-| `"dinov2"` | not implemented; wrap your own module | | |
+- `"swav"`: torchvision ResNet-50 with the SwAV weights (`swav_800ep_pretrain.pth.tar`), 2048-d average pool;
+  short side resized to 224 (bilinear, antialiased, aspect kept), ImageNet mean and std.
+- `"inception"`: the FID Inception-v3 (`pt_inception-2015-12-05-6726825d.pth`), 2048-d pool; resized to 299 x 299
+  with TensorFlow 1 bilinear resampling, then `(255 x - 128) / 128`.
+- `"pixels"`: no network and no weights, C * H * W values in [0, 1]; resized to `size` x `size` (bilinear,
+  antialiased) when `size` is given.
+- `"dinov2"`: not implemented; wrap your own module.
+
+Memory: a 2048-wide float32 feature row takes 8 KiB. The SwAV and Inception networks hold 90 and 91 MiB of float32
+weights, and a forward pass on the CPU needs about 15 and 19 MiB more per image of the batch (measured as the peak
+resident memory of a batch of 17 against a batch of 1, float32, channels-last); choose the batch size by that.
 
 Example:
     >>> import torch

@@ -149,6 +149,10 @@ class InceptionFeatures(PretrainedFeatures):
     `FrechetInceptionDistance`, which uses it) compute for the "2048" feature; a test compares the two on the same
     weights when torch-fidelity is installed.
 
+    Memory: 23.9 million parameters (91 MiB in float32, frozen); a forward pass at 299 x 299 on the CPU needs about
+    19 MiB per image of the batch on top (peak resident memory, float32, channels-last). Each output row is 2048
+    float32 values, 8 KiB.
+
     Args:
         weights: A local path to `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid) or
             `weights-inception-2015-12-05-6726825d.pth` (torch-fidelity, the same weights), or None to use the torch

@@ -23,6 +23,9 @@ class PixelFeatures(FeatureExtractor):
     These are the features of the embedded demo (scikit-learn's 8x8 digits), where no pretrained network can be
     downloaded; Euclidean distance between them is the distance between images.
 
+    Memory: a feature row holds C * H * W float32 values, 256 bytes for an 8x8 grayscale digit but 588 KiB for a
+    224 x 224 RGB image (73 times a 2048-d SwAV row); pass `size` to keep the stored features and the search small.
+
     Args:
         size: The side of the square the images are resized to, or None to keep their size.
         grayscale: Whether to convert RGB input to one luma channel.

@@ -52,6 +52,10 @@ class SwAVFeatures(PretrainedFeatures):
     carry a `module.` prefix (it was saved from DistributedDataParallel) and include the projection head and the
     prototypes; the prefix is removed and the head dropped.
 
+    Memory: 23.5 million parameters (90 MiB in float32, frozen); a forward pass at 224 on the CPU needs about
+    15 MiB per image of the batch on top (peak resident memory, float32, channels-last). Each output row is 2048
+    float32 values, 8 KiB.
+
     Args:
         weights: A local path to `swav_800ep_pretrain.pth.tar`, or None to use the torch hub cache (and download
             when allowed, see `diadm.features.weights`).

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel, VQModel
 from PIL import Image
 from torch.utils.data import TensorDataset
 
@@ -340,6 +340,20 @@ def test_load_image_folder(tmp_path):
         ({"autoencoder": torch.nn.Linear(2, 2)}, TypeError, "`autoencoder` must be a diffusers VQModel"),
         ({"pretrained": "no/such/folder"}, ValueError, "`pretrained` must be a diffusers pipeline folder"),
         ({"pretrained": 3}, TypeError, "`pretrained` must be a folder path, a diffusers pipeline"),
+        ({"weight_decay": -0.1}, ValueError, "`weight_decay` must be non-negative, got -0.1."),
+        ({"sample_scheduler": "ddim"}, TypeError, "`sample_scheduler` must be a diffusers scheduler, got str."),
+        ({"seed": 1.5}, TypeError, "`seed` must be an integer or None, got 1.5 (float)."),
+        ({"seed": -1}, ValueError, "`seed` must be a non-negative integer or None, got -1."),
+        (
+            {"train_features": torch.full((NUM_TRAIN, 4), float("nan"))},
+            ValueError,
+            "the training features must be finite, got NaN or infinite values.",
+        ),
+        (
+            {"autoencoder": VQModel(in_channels=3, block_out_channels=(8,), norm_num_groups=8, latent_channels=1)},
+            ValueError,
+            "`train_images` must have the autoencoder's 3 channels, got shape (12, 1, 8, 8).",
+        ),
     ],
     ids=lambda value: None,
 )
@@ -384,7 +398,24 @@ def test_bad_sample_requests_raise(images, num_images, error, message):
         module.sample(num_images)
 
 
+def test_load_pretrained_refuses_a_pipeline_without_unet():
+    from diffusers import DiffusionPipeline
+
+    class SchedulerOnly(DiffusionPipeline):
+        def __init__(self, scheduler) -> None:
+            super().__init__()
+            self.register_modules(scheduler=scheduler)
+
+    message = "`pretrained` must be an unconditional image pipeline with a `unet`, got SchedulerOnly with components"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_pretrained(SchedulerOnly(DDPMScheduler()))
+
+
 def test_load_image_folder_bad_input(tmp_path):
+    with pytest.raises(TypeError, match=re.escape("`size` must be an integer, got 4.0 (float).")):
+        load_image_folder(tmp_path, size=4.0, channels=3)
+    with pytest.raises(ValueError, match=re.escape("`size` must be a positive integer, got 0.")):
+        load_image_folder(tmp_path, size=0, channels=3)
     with pytest.raises(ValueError, match=re.escape("`folder` must hold at least one image")):
         load_image_folder(tmp_path, size=4, channels=3)
     with pytest.raises(ValueError, match=re.escape("`folder` must be a directory of images")):

@@ -138,6 +138,10 @@ class FeatureCache:
     Args:
         directory: The cache folder; created (with its parents) if missing.
 
+    Raises:
+        TypeError: If `directory` is not a path.
+        ValueError: If `directory` is an existing file.
+
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as folder:

@@ -231,6 +231,9 @@ def save_pairs_figure(
 def histogram_counts(retrieval_counts: Tensor) -> Tensor:
     """Number of training images retrieved exactly j times, for j = 0 .. max count (`torch.bincount`).
 
+    Raises:
+        TypeError: If `retrieval_counts` is not a 1-D integer tensor.
+
     Example:
         >>> histogram_counts(torch.tensor([0, 2, 0, 1, 2, 2])).tolist()
         [2, 1, 3]

@@ -167,7 +167,9 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_key_is_length_prefixed_and_deterministic() -> None:
     assert FeatureCache.key("ab", "c") != FeatureCache.key("a", "bc")
-    assert FeatureCache.key("a", "b") == FeatureCache.key("a", "b")
+    # Independent reference: the documented layout, SHA-256 of a prefix and each part as `<byte length>:<bytes>`.
+    assert FeatureCache.key("a", "bc") == hashlib.sha256(b"diadm-cache-key;1:a2:bc").hexdigest()
+    assert FeatureCache.key("\u00e9") == hashlib.sha256("diadm-cache-key;2:\u00e9".encode()).hexdigest()
     assert FeatureCache.key("a", "b") != FeatureCache.key("b", "a")
     assert re.fullmatch("[0-9a-f]{64}", FeatureCache.key("x"))
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from diadm.cache import FeatureCache, fingerprint
 from diadm.io import (
+    FeatureSet,
     ImageFileDataset,
     UnreadableFileError,
     extract_features,
@@ -73,6 +74,8 @@ def test_find_images_recursive_sorted(folder: tuple[Path, list[np.ndarray]]) -> 
     root, _ = folder
     names = [p.relative_to(root).as_posix() for p in find_images(root)]
     assert names == ["a.png", "b.png", "sub/c.png", "sub/d.webp", "z.png"]
+    with pytest.raises(ValueError, match=re.escape(f"got {str(root / 'a.png')!r}, which is not a directory.")):
+        find_images(root / "a.png")
 
 
 def test_load_image_converts_modes(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -182,13 +185,14 @@ def test_interrupt_keeps_finished_chunks(tmp_path: Path, rng: np.random.Generato
     kwargs = {"cache": cache, "extractor_id": "x", "progress": False, "chunk_size": 3, "batch_size": 1}
     with pytest.raises(KeyboardInterrupt):
         extract_features(files, Interrupting(), **kwargs)
-    stored = list((tmp_path / "cache").glob("*.safetensors"))
-    assert stored  # finished chunks were written before the interrupt
+    # Finished chunks were written before the interrupt; they hold at most the 6 images extracted.
+    stored_rows = sum(cache.get(p.name.removesuffix(".safetensors")).shape[0] for p in cache.directory.iterdir())
+    assert 1 <= stored_rows <= 6
     assert not list((tmp_path / "cache").glob("*.tmp"))
     resumed = CountingPixels()
     done = extract_features(files, resumed, **kwargs)
-    assert done.num_cached >= 1
-    assert resumed.seen == 12 - done.num_cached
+    assert done.num_cached == stored_rows
+    assert resumed.seen == 12 - stored_rows
     torch.testing.assert_close(done.features, extract_features(files, CountingPixels()).features, rtol=0, atol=0)
 
 
@@ -337,8 +341,15 @@ def test_feature_files(tmp_path: Path, rng: np.random.Generator) -> None:
             "holds the arrays ['a', 'b']; store a single array",
         ),
         (lambda p: (p / "x.npy").write_bytes(b"nonsense"), UnreadableFileError, "cannot read"),
+        (
+            lambda p: np.save(p / "x.npy", np.array(["a", "b"])),
+            TypeError,
+            "must be numeric, got numpy dtype <U1; store uint8 images or floating-point features.",
+        ),
+        (lambda p: torch.save({"scale": 2.0}, p / "x.pt"), ValueError, "holds the arrays none; store a single array"),
+        (lambda p: torch.save([1, 2], p / "x.pt"), ValueError, "must hold an array or tensor, got list; save the"),
     ],
-    ids=["int-features", "3d-features", "nan", "ambiguous-npz", "corrupt"],
+    ids=["int-features", "3d-features", "nan", "ambiguous-npz", "corrupt", "strings", "no-array", "list"],
 )
 def test_feature_file_errors(tmp_path: Path, make: object, error: type[Exception], message: str) -> None:
     make(tmp_path)
@@ -461,3 +472,24 @@ def test_non_finite_features_are_an_error(tmp_path: Path, rng: np.random.Generat
     message = f"the feature extractor returned NaN or infinite features for {tmp_path / 'b.png'}"
     with pytest.raises(ValueError, match=re.escape(message)):
         extract_features(find_images(tmp_path), broken, progress=False)
+
+
+def test_feature_set_subset_follows_rows(tmp_path: Path, rng: np.random.Generator) -> None:
+    for i in range(4):
+        _write(tmp_path / "imgs" / f"{i}.png", _rgb(rng))
+    (tmp_path / "imgs" / "3b.png").write_bytes(b"garbage")
+    whole = load_feature_set(tmp_path / "imgs", CountingPixels(), progress=False, skip_bad=True)
+    part = whole.subset(torch.tensor([3, 1]), source="half")
+    torch.testing.assert_close(part.features, whole.features[[3, 1]], rtol=0, atol=0)
+    assert part.names == [str(tmp_path / "imgs" / "3.png"), str(tmp_path / "imgs" / "1.png")]
+    assert (part.source, part.kind, part.skipped, part.num_cached) == ("half", "image_files", [], 0)
+    assert [s.path for s in whole.skipped] == [str(tmp_path / "imgs" / "3b.png")]
+    # The images follow the rows: row 0 of the subset is 3.png, decoded independently here.
+    expected = torch.from_numpy(np.asarray(Image.open(tmp_path / "imgs" / "3.png"), np.float32) / 255.0)
+    torch.testing.assert_close(part.images([0], size=4)[0], expected.permute(2, 0, 1), rtol=0, atol=0)
+    with pytest.raises(
+        IndexError,
+        match=re.escape(f"`rows` must lie in [0, 4) for the 4 rows of {str(tmp_path / 'imgs')!r}, got [4, -1]."),
+    ):
+        whole.subset([0, 4, -1])
+    assert not FeatureSet(torch.zeros(2, 1), ["a", "b"], "features", "f").subset([1]).has_images

@@ -126,6 +126,10 @@ def test_write_report_with_images(tmp_path: Path) -> None:
     for name in FIGURE_NAMES.values():
         assert (tmp_path / "report" / name).is_file()
         assert f'src="{name}"' in text
+    # Every link of the page names a file the report wrote.
+    links = re.findall(r"""(?:src|href)=["']([^"']+)["']""", text)
+    assert sorted(links) == sorted([*FIGURE_NAMES.values(), HISTOGRAM_TABLE])
+    assert all((tmp_path / "report" / link).is_file() for link in links)
     assert f"href='{HISTOGRAM_TABLE}'" in text
     assert "<td>nested.value</td><td>0.5000</td>" in text
     assert "<td>long</td><td>20 entries (see the JSON result)</td>" in text

@@ -496,3 +496,26 @@ def test_weights_checksum_in_json(data: dict[str, Path], tmp_path: Path, monkeyp
     assert seen["weights"] == str(weights)
     assert record["extractor"]["weights"] == str(weights)
     assert record["extractor"]["weights_sha256"] == hashlib.sha256(b"pretend checkpoint").hexdigest()
+
+
+def test_progress_bars_and_switch(
+    data: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    argv = [
+        "score",
+        str(data["train"]),
+        str(data["synthetic"]),
+        "--feature",
+        "pixels",
+        "--cache-dir",
+        str(data["cache"]),
+    ]
+    assert main([*argv, "--test", str(data["test"])]) == 0
+    err = capsys.readouterr().err
+    for bar in ("train features (hashing)", "train features", "synthetic features", "test features"):
+        assert f"{bar}: 100%" in err
+    # 20 synthetic queries, then the 10 held-out ones.
+    assert re.search(r"retrieval: 100%.*\b30/30\b", err)
+    assert main([*argv, "--no-progress"]) == 0
+    assert "100%" not in capsys.readouterr().err

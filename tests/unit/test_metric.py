@@ -169,13 +169,25 @@ def test_normalize_true_takes_float_images_and_gives_the_same_features():
     assert torch.equal(as_uint8.train_features[0], as_float.train_features[0])
 
 
-def test_grayscale_is_accepted_by_an_rgb_extractor():
+def test_grayscale_is_accepted_by_a_grayscale_extractor():
     # the pixel extractor with grayscale=True takes RGB and grayscale images alike
     metric = ImageRetrievalScore(feature="pixels", feature_kwargs={"size": 4, "grayscale": True})
     metric.update(torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8), real=True)
     metric.update(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8), real=False)
     assert metric.compute()["n_samples"].item() == 5
     assert metric.train_features[0].shape == (5, 16)
+
+
+def test_grayscale_is_repeated_to_rgb_by_an_rgb_extractor():
+    # SwAV's ResNet-50 (random weights, small resize) needs RGB: a grayscale batch must give the features of the same
+    # images with the channel repeated, so each repeated copy retrieves its own grayscale original
+    metric = ImageRetrievalScore(feature="swav", feature_kwargs={"pretrained": False, "size": 32})
+    gray = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    metric.update(gray, real=True)
+    metric.update(gray.repeat(1, 3, 1, 1), real=False)
+    torch.testing.assert_close(metric.generated_features[0], metric.train_features[0], rtol=0, atol=1e-5)
+    assert metric.compute()["n_learned"].item() == 6
+    assert metric.last_result.nearest_train_index.tolist() == list(range(6))
 
 
 def test_user_module_is_a_submodule_and_its_features_are_used():

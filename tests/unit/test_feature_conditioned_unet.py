@@ -280,6 +280,12 @@ def test_bad_constructor_arguments_raise(unet):
         FeatureConditionedUNet(unet_config=config, feature_dim=0)
     with pytest.raises(ValueError, match=re.escape("`condition_dropout` must be a probability in [0, 1], got 1.5")):
         FeatureConditionedUNet(unet_config=config, feature_dim=FEATURE_DIM, condition_dropout=1.5)
+    with pytest.raises(ValueError, match=re.escape("`condition_dropout` must be a probability in [0, 1], got nan")):
+        FeatureConditionedUNet(unet_config=config, feature_dim=FEATURE_DIM, condition_dropout=float("nan"))
+    with pytest.raises(TypeError, match=re.escape("`condition_dropout` must be a number, got '0.1' (str).")):
+        FeatureConditionedUNet.from_unet(unet, feature_dim=FEATURE_DIM, condition_dropout="0.1")
+    with pytest.raises(TypeError, match=re.escape("`condition_dropout` must be a number, got True (bool).")):
+        FeatureConditionedUNet(unet_config=config, feature_dim=FEATURE_DIM, condition_dropout=True)
     with pytest.raises(ValueError, match=re.escape("`unet_config` must describe an unconditional UNet2DModel")):
         FeatureConditionedUNet(unet_config={**config, "num_class_embeds": 3}, feature_dim=FEATURE_DIM)
 

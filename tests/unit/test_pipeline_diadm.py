@@ -223,6 +223,13 @@ BAD_CALLS = [
     ({"output_type": "latent"}, ValueError, "`output_type` must be one of ('pil', 'np', 'pt'), got 'latent'."),
     ({"guidance_scale": float("nan")}, ValueError, "`guidance_scale` must be a finite number >= 0, got nan"),
     ({"guidance_scale": "2"}, TypeError, "`guidance_scale` must be a number, got str."),
+    ({"guidance_scale": -0.5}, ValueError, "`guidance_scale` must be a finite number >= 0, got -0.5; 1 means no"),
+    (
+        {"features": torch.ones(1, FEATURE_DIM, dtype=torch.long)},
+        TypeError,
+        "`features` must be a floating tensor, got dtype torch.int64; convert it with `.float()`.",
+    ),
+    ({"features": [[1.0] * FEATURE_DIM]}, TypeError, "`features` must be a torch.Tensor of shape (batch, 6)"),
     (
         {"batch_size": 2, "generator": [torch.Generator()]},
         ValueError,
@@ -274,12 +281,12 @@ def test_no_bank_and_no_features_raises():
     pipeline = make_pipeline("ddim", bank_rows=0)
     with pytest.raises(ValueError, match=re.escape("This pipeline has no `feature_bank` to draw conditions from")):
         pipeline(num_inference_steps=2)
-    assert pipeline(features=torch.ones(1, FEATURE_DIM), num_inference_steps=2, output_type="pt").images.shape == (
-        1,
-        3,
-        8,
-        8,
-    )
+    features = torch.randn(1, FEATURE_DIM, generator=seeded(3))
+    given = pipeline(features=features, generator=seeded(1), num_inference_steps=2, output_type="pt").images
+    pipeline.feature_bank = features
+    from_bank = pipeline(feature_indices=[0], generator=seeded(1), num_inference_steps=2, output_type="pt").images
+    torch.testing.assert_close(given, from_bank, rtol=0, atol=0)
+    assert given.std() > 0
 
 
 def test_bad_components_raise():

@@ -101,7 +101,8 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
         condition_dropout: Probability in [0, 1] of replacing a sample's condition by the null embedding in training.
 
     Raises:
-        TypeError: If `unet_config` is not a mapping or `feature_dim` is not an integer.
+        TypeError: If `unet_config` is not a mapping, `feature_dim` is not an integer or `condition_dropout` not a
+            number.
         ValueError: If `unet_config` is class-conditional, `feature_dim` is not positive, or `condition_dropout` is
             outside [0, 1].
 
@@ -134,7 +135,11 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
             raise TypeError(f"`feature_dim` must be an integer, got {feature_dim!r} ({type(feature_dim).__name__}).")
         if feature_dim < 1:
             raise ValueError(f"`feature_dim` must be a positive integer, got {feature_dim}.")
-        if isinstance(condition_dropout, bool) or not 0.0 <= float(condition_dropout) <= 1.0:
+        if isinstance(condition_dropout, bool) or not isinstance(condition_dropout, int | float):
+            raise TypeError(
+                f"`condition_dropout` must be a number, got {condition_dropout!r} ({type(condition_dropout).__name__})."
+            )
+        if not 0.0 <= condition_dropout <= 1.0:
             raise ValueError(f"`condition_dropout` must be a probability in [0, 1], got {condition_dropout!r}.")
         if unet_config.get("num_class_embeds") is not None or unet_config.get("class_embed_type") not in (
             None,

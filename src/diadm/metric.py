@@ -426,7 +426,7 @@ class ImageRetrievalScore(Metric):
         self._computed = None
         self._update_count += 1
         with torch.no_grad():
-            self._append(kind, features, indices, name="features", copy=True)
+            self._append(kind, features, indices, name="`features`", copy=True)
 
     @override
     def compute(self) -> dict[str, Tensor]:

@@ -301,7 +301,7 @@ def test_float16_storage_changes_few_neighbours(name, measured):
 
 def test_float16_storage_refuses_values_it_cannot_hold():
     metric = ImageRetrievalScore(feature=None, feature_dtype=torch.float16)
-    with pytest.raises(ValueError, match=re.escape("features must fit float16 storage (|x| <= 65504), got values")):
+    with pytest.raises(ValueError, match=re.escape("`features` must fit float16 storage (|x| <= 65504), got values")):
         metric.update_features(torch.full((2, 3), 1e5), real=True)
 
 
@@ -568,7 +568,7 @@ def test_feature_width_must_not_change():
     metric = ImageRetrievalScore(feature=None)
     metric.update_features(torch.randn(4, 8), real=True)
     with pytest.raises(
-        ValueError, match=re.escape("features must have 8 values per row like the earlier updates, got shape (3, 5)")
+        ValueError, match=re.escape("`features` must have 8 values per row like the earlier updates, got shape (3, 5)")
     ):
         metric.update_features(torch.randn(3, 5), real=False)
     pixels = ImageRetrievalScore(feature="pixels", feature_kwargs={"size": 4, "grayscale": True})

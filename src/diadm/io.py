@@ -14,9 +14,10 @@ An input is one of:
   channels-first.
 
 Images are decoded in a `torch.utils.data.DataLoader` (with workers when asked), converted to RGB (grayscale is
-repeated, an alpha channel is dropped), optionally resized, and fed to the feature extractor in batches. Images of
-different sizes are never padded: files are ordered by size (read from their headers) within each cache chunk, each
-batch is split by image size, and the extractor (which resizes as it needs) runs once per size.
+repeated, 16-bit grayscale is scaled to 8 bits, an alpha channel is dropped), optionally resized, and fed to the
+feature extractor in batches. Images of different sizes are never padded: files are ordered by size (read from their
+headers) within each cache chunk, each batch is split by image size, and the extractor (which resizes as it needs)
+runs once per size.
 
 With a `FeatureCache`, features are stored in chunks of about `chunk_size` consecutive files, keyed by the SHA-256
 of the files' bytes, the extractor's fingerprint and the resize setting. Chunk boundaries are chosen from file
@@ -56,7 +57,9 @@ ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
 CSV_COLUMNS = ("path", "file", "filename", "image")
 DEFAULT_CHUNK_SIZE = 1024
 # Version of the chunk key layout: bump it when the way features are computed from files changes.
-_CACHE_VERSION = "diadm-io-1"
+_CACHE_VERSION = "diadm-io-2"
+# PIL modes of 16-bit grayscale images; PIL's own conversion to RGB clips them at 255 instead of scaling.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # Image arrays: how strongly a dimension of this size suggests channels (RGB over grayscale over RGBA).
 _CHANNEL_RANK = {3: 3, 1: 2, 4: 1}
 # A content-defined chunk never grows beyond this many times `chunk_size`.
@@ -243,7 +246,9 @@ def read_csv_list(path: str | os.PathLike) -> list[Path]:
 def load_image(path: str | os.PathLike) -> Tensor:
     """Decode one image file as RGB uint8 of shape (3, H, W).
 
-    Grayscale and palette images are converted to RGB, and an alpha channel is dropped (not composited).
+    Grayscale and palette images are converted to RGB, and an alpha channel is dropped (not composited). 16-bit
+    grayscale (PNG) is scaled to 8 bits, `round(value / 257)`, then repeated; PIL's own conversion would clip every
+    value above 255 to white.
 
     Raises:
         UnreadableFileError: If the file is missing, unreadable or not a decodable image.
@@ -251,10 +256,14 @@ def load_image(path: str | os.PathLike) -> Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = image.convert("RGB")
+            if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+                wide = np.asarray(image).astype(np.float64)
+                gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+                array = np.repeat(gray[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise UnreadableFileError(path, f"{type(err).__name__}: {err}") from err
-    array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 

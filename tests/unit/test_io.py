@@ -92,6 +92,12 @@ def test_load_image_converts_modes(tmp_path: Path, rng: np.random.Generator) -> 
     r = load_image(tmp_path / "r.png")
     np.testing.assert_array_equal(r.permute(1, 2, 0).numpy(), rgba[..., :3])
     assert load_image(tmp_path / "j.jpg").shape == (3, 3, 5)
+    # 16-bit grayscale is scaled to 8 bits (PIL's own conversion clips at 255); reference: numpy, round(v / 257).
+    deep = rng.integers(0, 65536, (3, 5), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d16.png")
+    assert Image.open(tmp_path / "d16.png").mode in ("I;16", "I")
+    expected = np.round(deep / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(load_image(tmp_path / "d16.png").numpy(), np.stack([expected] * 3))
 
 
 def test_load_image_corrupt_names_file(tmp_path: Path) -> None:

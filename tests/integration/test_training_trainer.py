@@ -256,8 +256,11 @@ def test_finetune_cli_unconditional(tmp_path, capsys):
     [
         (["--resume", "missing.ckpt"], "`--resume` must name an existing checkpoint file, got 'missing.ckpt'"),
         (["--max-steps", "1", "--lr", "-1"], "`learning_rate` must be positive, got -1.0."),
+        (["--warmup-steps", "-1"], "`--warmup-steps` must be non-negative, got -1."),
+        (["--data", "no-such-folder"], "`folder` must be a directory of images"),
+        (["--pretrained", "no-such-model"], "`pretrained` must be a diffusers pipeline folder (with model_index.json)"),
     ],
-    ids=["resume", "lr"],
+    ids=["resume", "lr", "warmup", "data", "pretrained"],
 )
 def test_finetune_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "pre")
@@ -265,6 +268,24 @@ def test_finetune_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
     argv = ["finetune", "--pretrained", str(tmp_path / "pre"), "--data", str(tmp_path / "data")]
     argv += ["--out", str(tmp_path / "out"), "--feature", "pixels", "--logger", "none", *extra]
     assert main(argv) == 2
+    assert re.search(re.escape(message), capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-steps", "0"], "argument --max-steps: expected a positive integer, got 0"),
+        (["--batch-size", "four"], "argument --batch-size: expected a positive integer, got 'four'"),
+        (["--logger", "mlflow"], "argument --logger: invalid choice: 'mlflow'"),
+        (["--precision", "8-bit"], "argument --precision: invalid choice: '8-bit'"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], got -1"),
+    ],
+    ids=["max-steps", "batch-size", "logger", "precision", "seed"],
+)
+def test_finetune_cli_usage_errors_exit_2(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--pretrained", str(tmp_path), "--data", str(tmp_path), *extra])
+    assert exit_info.value.code == 2
     assert re.search(re.escape(message), capsys.readouterr().err)
 
 

@@ -30,6 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    # The bounds of `seed_everything` (numpy's legacy seeding), checked here so the message names the option.
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {2**32 - 1}], got {text!r}") from err
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {2**32 - 1}], got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `diadm finetune`."""
     parser.add_argument("--pretrained", type=Path, required=True, help="diffusers pipeline or UNet2DModel folder")
@@ -54,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--irs-samples", type=_positive_int, default=1000, help="samples per IRS evaluation")
     parser.add_argument("--num-inference-steps", type=_positive_int, default=50, help="sampling steps")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (default: OUT/cache)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of weights, data order, noise (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

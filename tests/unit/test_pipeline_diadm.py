@@ -223,6 +223,10 @@ BAD_CALLS = [
     ({"output_type": "latent"}, ValueError, "`output_type` must be one of ('pil', 'np', 'pt'), got 'latent'."),
     ({"guidance_scale": float("nan")}, ValueError, "`guidance_scale` must be a finite number >= 0, got nan"),
     ({"guidance_scale": "2"}, TypeError, "`guidance_scale` must be a number, got str."),
+    ({"eta": -1.0}, ValueError, "`eta` must be a finite number >= 0, got -1.0; 0 is deterministic DDIM"),
+    ({"eta": None}, TypeError, "`eta` must be a number, got NoneType."),
+    ({"generator": 0}, TypeError, "`generator` must be a torch.Generator, a list of them or None, got int; seed"),
+    ({"generator": [0]}, TypeError, "a list of them or None, got a list holding other objects;"),
     ({"guidance_scale": -0.5}, ValueError, "`guidance_scale` must be a finite number >= 0, got -0.5; 1 means no"),
     (
         {"features": torch.ones(1, FEATURE_DIM, dtype=torch.long)},

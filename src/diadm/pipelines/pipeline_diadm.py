@@ -186,11 +186,12 @@ class DiADMPipeline(DiffusionPipeline):
         num_inference_steps: int,
         guidance_scale: float,
         output_type: str,
+        eta: float = 0.0,
     ) -> None:
         """Check the arguments of `__call__` before any work is done; see there for what each must be.
 
         Raises:
-            TypeError: If `features` is not a floating tensor or `feature_indices` not integers.
+            TypeError: As listed in `__call__`.
             ValueError: As listed in `__call__`.
         """
         _check_positive_int("batch_size", batch_size)
@@ -208,6 +209,17 @@ class DiADMPipeline(DiffusionPipeline):
                 f"`guidance_scale` {guidance_scale} needs a model trained with condition dropout, so that its null"
                 " (unconditional) embedding is trained, but this model has condition_dropout=0. Use"
                 " guidance_scale=1, or train with condition_dropout > 0 (0.1 is common)."
+            )
+        if isinstance(eta, bool) or not isinstance(eta, int | float):
+            raise TypeError(f"`eta` must be a number, got {type(eta).__name__}.")
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"`eta` must be a finite number >= 0, got {eta}; 0 is deterministic DDIM, 1 is DDPM-like.")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(item is None or isinstance(item, torch.Generator) for item in generators):
+            found = type(generator).__name__ if not isinstance(generator, list) else "a list holding other objects"
+            raise TypeError(
+                f"`generator` must be a torch.Generator, a list of them or None, got {found}; seed one with"
+                " `torch.Generator().manual_seed(seed)`."
             )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
@@ -280,17 +292,18 @@ class DiADMPipeline(DiffusionPipeline):
             An `ImagePipelineOutput` whose `images` are in `output_type` format, or a tuple of them.
 
         Raises:
-            TypeError: If `features` is not a floating tensor, `feature_indices` not integers, or `guidance_scale`
-                not a number.
+            TypeError: If `features` is not a floating tensor, `feature_indices` not integers, `guidance_scale` or
+                `eta` not a number, or `generator` not a `torch.Generator`, a list of them or None.
             ValueError: If `batch_size` or `num_inference_steps` is not a positive integer, `output_type` is unknown,
-                `guidance_scale` is negative or not finite or not 1 for a model without condition dropout, a list
+                `guidance_scale` is negative or not finite or not 1 for a model without condition dropout, `eta` is
+                negative or not finite, a list
                 `generator` is not `batch_size` long, both `features` and `feature_indices` are given, `features` is
                 malformed (width, rows, NaN), neither `features` nor a feature bank is there, or `feature_indices`
                 has the wrong length or lies outside the bank.
         """
         # 0. Check inputs, before any work.
         self.check_inputs(
-            batch_size, features, feature_indices, generator, num_inference_steps, guidance_scale, output_type
+            batch_size, features, feature_indices, generator, num_inference_steps, guidance_scale, output_type, eta
         )
         device = self._execution_device
         unet_config = self.unet.unet.config

@@ -22,6 +22,12 @@ Note:
     the coverage of the whole training set, score once without `--split-train` as well, or pass real held-out
     images with `--test`.
 
+Scale: features are kept in float16 with `--feature-dtype float16` (or as a float16 feature file) and the reference
+is searched exactly in blocks of `--max-memory-mb`; on a GPU (`--device cuda`) the torch backend searches there.
+The retrieval still holds one float32 copy of the reference, so its peak memory is about 3.5 times the float16
+size with `--backend torch` and 5 times with faiss (which copies the reference again): 2.7 and 3.8 GiB for
+200,000 x 2048 features, the largest size measured (`benchmarks/bench_score_scale.py`).
+
 Exit codes: 0 on success; 2 on bad arguments or inputs (argparse errors, a missing or empty input, too few images,
 mismatched feature widths); 1 on other failures (an unreadable file without `--skip-bad`, missing weights, ...);
 130 when interrupted with Ctrl-C (the finished chunks of the feature cache are kept).

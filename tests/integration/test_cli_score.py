@@ -519,3 +519,29 @@ def test_progress_bars_and_switch(
     assert re.search(r"retrieval: 100%.*\b30/30\b", err)
     assert main([*argv, "--no-progress"]) == 0
     assert "100%" not in capsys.readouterr().err
+
+
+def test_float16_features_searched_in_float32(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float16 feature files are scored like their float32 values; the reference is searched as a float32 copy."""
+    import diadm.cli.score
+
+    train = rng.standard_normal((40, 8)).astype(np.float16)
+    synthetic = (train[rng.integers(0, 15, 30)] + 0.01 * rng.standard_normal((30, 8))).astype(np.float16)
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "synthetic.npy", synthetic)
+    seen = []
+    original = diadm.cli.score._ProgressIndex.__init__
+
+    def recording(self: object, reference: torch.Tensor, **kwargs: object) -> None:
+        seen.append(reference.dtype)
+        original(self, reference, **kwargs)
+
+    monkeypatch.setattr(diadm.cli.score._ProgressIndex, "__init__", recording)
+    out = tmp_path / "r.json"
+    argv = ["score", str(tmp_path / "train.npy"), str(tmp_path / "synthetic.npy"), "--features", "--no-progress"]
+    assert main([*argv, "--json", str(out)]) == 0
+    # The limitation pinned: float16 storage, float32 search (see the module's Warning).
+    assert seen == [torch.float32]
+    _assert_matches(json.loads(out.read_text()), image_retrieval_score(train.astype(np.float32), synthetic))

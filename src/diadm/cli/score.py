@@ -24,9 +24,14 @@ Note:
 
 Scale: features are kept in float16 with `--feature-dtype float16` (or as a float16 feature file) and the reference
 is searched exactly in blocks of `--max-memory-mb`; on a GPU (`--device cuda`) the torch backend searches there.
-The retrieval still holds one float32 copy of the reference, so its peak memory is about 3.5 times the float16
-size with `--backend torch` and 5 times with faiss (which copies the reference again): 2.7 and 3.8 GiB for
-200,000 x 2048 features, the largest size measured (`benchmarks/bench_score_scale.py`).
+
+Warning:
+    float16 halves the storage (cache, feature files, extraction) but not the retrieval: the reference is searched
+    as one float32 copy, in CPU memory or, with `--device cuda`, in GPU memory. Peak memory is about 3.5 times the
+    float16 size with `--backend torch` and 5 times with faiss (which copies the reference again): 2.7 and 3.8 GiB
+    for 200,000 x 2048 features, the largest size measured (`benchmarks/bench_score_scale.py`), so about 17 and
+    25 GiB for ImageNet's 1.28 million. A reference that does not fit in memory in float32 cannot be scored: use a
+    machine (or GPU) with enough memory, with `--backend torch` on the CPU.
 
 Exit codes: 0 on success; 2 on bad arguments or inputs (argparse errors, a missing or empty input, too few images,
 mismatched feature widths); 1 on other failures (an unreadable file without `--skip-bad`, missing weights, ...);

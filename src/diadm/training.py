@@ -56,6 +56,13 @@ def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return torch.Generator().manual_seed(seeds[0]), torch.Generator().manual_seed(seeds[1])
 
 
+def _check_num_images(num_images: Any) -> None:
+    if isinstance(num_images, bool) or not isinstance(num_images, int):
+        raise TypeError(f"`num_images` must be an integer, got {num_images!r} ({type(num_images).__name__}).")
+    if num_images < 1:
+        raise ValueError(f"`num_images` must be at least 1, got {num_images}.")
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     """Return the EMA decay used for the update after `step` earlier updates: `min(decay, (1 + step) / (10 + step))`.
 
@@ -685,7 +692,12 @@ class DiADMModule(LightningModule):
 
         Returns:
             int64 indices of shape (num_images,).
+
+        Raises:
+            TypeError: If `num_images` is not an integer.
+            ValueError: If `num_images` is below 1.
         """
+        _check_num_images(num_images)
         rounds = -(-num_images // self.num_train_images)
         device = generator.device if generator is not None else torch.device("cpu")
         order = [torch.randperm(self.num_train_images, generator=generator, device=device) for _ in range(rounds)]
@@ -737,10 +749,7 @@ class DiADMModule(LightningModule):
             TypeError: If `num_images` is not an integer.
             ValueError: If `num_images` is below 1.
         """
-        if isinstance(num_images, bool) or not isinstance(num_images, int):
-            raise TypeError(f"`num_images` must be an integer, got {num_images!r} ({type(num_images).__name__}).")
-        if num_images < 1:
-            raise ValueError(f"`num_images` must be at least 1, got {num_images}.")
+        _check_num_images(num_images)
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         was_training = self.ema_unet.training
         pipe: Any = self.pipeline()

@@ -396,6 +396,8 @@ def test_bad_sample_requests_raise(images, num_images, error, message):
     module = make_module(images)
     with pytest.raises(error, match=re.escape(message)):
         module.sample(num_images)
+    with pytest.raises(error, match=re.escape(message)):
+        module.feature_indices(num_images)
 
 
 def test_load_pretrained_refuses_a_pipeline_without_unet():

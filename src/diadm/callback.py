@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
@@ -44,6 +46,10 @@ _IMAGE_KEYS = ("images", "image", "pixel_values", "input")
 _RANGE_SLACK = 1e-3
 # The paper's fixed sample count (Sec. 4), the cap of `target_ci_width` when `max_samples` is not given.
 _PAPER_NUM_SAMPLES = 50_000
+# Top-level packages whose frames a warning skips, so that it points at the user's code (their `trainer.fit` call).
+_INTERNAL_PACKAGES = frozenset(
+    {"diadm", "lightning", "lightning_utilities", "pytorch_lightning", "torch", "contextlib"}
+)
 
 RealSource = Tensor | Dataset | DataLoader
 SampleFn = Callable[["pl.LightningModule", int, torch.Generator], Tensor]
@@ -96,6 +102,31 @@ def _make_grid(images: Tensor, num_columns: int) -> Tensor:
     from torchvision.utils import make_grid
 
     return make_grid(images, nrow=num_columns, padding=1, pad_value=1.0)
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` that points a warning of the calling function at the first frame outside our packages.
+
+    The frames skipped are diadm's, Lightning's and torch's; 1 is the calling function itself.
+    """
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL_PACKAGES:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _logger_step(trainer: "pl.Trainer", *, train_epoch_end: bool) -> int:
+    """The step under which Lightning's loggers file what the current hook logs.
+
+    Lightning files the values of the batch that takes `global_step` from s - 1 to s (its training loss, what
+    `on_train_batch_end` and an in-epoch validation log) under s - 1, the count of batches stepped before it; in
+    `on_train_epoch_end` that count is already s, and Lightning steps it back by one to log epoch-end values
+    (`fit_loop.on_advance_end`). `LearningRateMonitor` reads the same counter.
+    """
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    if stepped is None:  # a Lightning without the counter: the same convention, for a single optimizer
+        return max(trainer.global_step - 1, 0)
+    return max(stepped - 1, 0) if train_epoch_end else stepped
 
 
 @contextmanager
@@ -199,8 +230,9 @@ class IRSCallback(Callback):
             not a positive integer, `num_samples < 2`, `evaluate_on` or `sampler_order` is unknown, both a source
             and precomputed features are given, `target_ci_width` is outside (0, 1], `max_samples < num_samples`,
             or `max_samples` is given without `target_ci_width`. In `setup` if no sampling source in
-            `sampler_order` is available, pictures are requested and no logger of the trainer can take them, or
-            `evaluate_on="validation_epoch_end"` is asked of a fit without validation.
+            `sampler_order` is available, pictures are requested and no logger of the trainer can take them,
+            `evaluate_on="validation_epoch_end"` is asked of a fit without validation, or another `IRSCallback` of
+            the trainer has the same `prefix`.
             At the first evaluation if a real or held-out source holds no images; at any evaluation if images
             (sampled or real) are not (N, C, H, W) with C in (1, 3) and values in [0, 1], or the sampler returns
             another number of images than asked for.
@@ -209,12 +241,23 @@ class IRSCallback(Callback):
             tensor, a Dataset nor a DataLoader, or `held_out_data="val"` meets something else than one or more
             validation DataLoaders (the first is used).
         FileNotFoundError: In `setup`, from `get_feature_extractor`, when a named extractor's weights are missing.
+        RuntimeError: If an evaluation hook is called by hand, outside `Trainer.fit` (whose `setup` builds the
+            feature extractor).
 
     Note:
         A configuration the arguments alone show to be wrong fails at construction; one that needs the trainer or
         the module (no sampling source, no logger that takes pictures, no validation loop for
-        `evaluate_on="validation_epoch_end"`, missing extractor weights) fails in
-        `setup`, before the first training step.
+        `evaluate_on="validation_epoch_end"`, two callbacks with one `prefix`, missing extractor weights) fails in
+        `setup`, before the first training step. The callback evaluates only during `fit`: `trainer.validate()`
+        leaves it idle.
+
+    Note:
+        Steps. Scalars and pictures go to every logger under the step at which Lightning files the training loss
+        of the same batch: after the optimizer step that makes `trainer.global_step` equal to s, that is s - 1
+        (Lightning counts logging steps from 0), for step and epoch intervals alike, so the scores line up with
+        the loss and validation curves. `history[i]["global_step"]` holds `trainer.global_step` itself (s). The
+        scalars are written to the loggers directly at every evaluation, whatever `Trainer(log_every_n_steps=...)`
+        is; `pl_module.log` (with `logger=False`) puts them into `trainer.callback_metrics`.
 
     Note:
         Order relative to Lightning's weight averaging (`lightning.pytorch.callbacks.WeightAveraging`,
@@ -401,6 +444,14 @@ class IRSCallback(Callback):
         if stage != "fit":
             return
         self._sampler_name, self._sampler = self._resolve_sampler(pl_module)
+        callbacks = getattr(trainer, "callbacks", [])  # set by the trainer at run time, absent from its annotations
+        twins = [other for other in callbacks if isinstance(other, IRSCallback) and other.prefix == self.prefix]
+        if len(twins) > 1:
+            raise ValueError(
+                f"Each `IRSCallback` of a trainer needs its own `prefix`, got {len(twins)} with"
+                f" `prefix={self.prefix!r}`, whose values would overwrite each other in the loggers; pass a distinct"
+                " `prefix=` to each (for example `prefix='irs_fine/'`)."
+            )
         if (
             self.evaluate_on == "validation_epoch_end"
             and self.every_n_epochs is not None
@@ -435,17 +486,19 @@ class IRSCallback(Callback):
         if self.every_n_train_steps is None or step == 0 or step % self.every_n_train_steps != 0:
             return
         if step != self.last_evaluated_step:
-            self._evaluate(trainer, pl_module, on_step=True)
+            self._evaluate(trainer, pl_module, on_step=True, logger_step=_logger_step(trainer, train_epoch_end=False))
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.evaluate_on == "validation_epoch_end" and not trainer.sanity_checking and self._epoch_selected(trainer):
-            self._evaluate(trainer, pl_module, on_step=False)
+        # Only the validation runs of `fit`: `trainer.validate()` neither calls `setup("fit")` nor trains.
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if self.evaluate_on == "validation_epoch_end" and fitting and self._epoch_selected(trainer):
+            self._evaluate(trainer, pl_module, on_step=False, logger_step=_logger_step(trainer, train_epoch_end=False))
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.evaluate_on == "train_epoch_end" and self._epoch_selected(trainer):
-            self._evaluate(trainer, pl_module, on_step=False)
+            self._evaluate(trainer, pl_module, on_step=False, logger_step=_logger_step(trainer, train_epoch_end=True))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -501,11 +554,11 @@ class IRSCallback(Callback):
         position = callbacks.index(self)
         if self.evaluate_on == "validation_epoch_end" and position < min(averagers):
             return
-        rank_zero_warn(
+        self._warn_once(
+            "weight-averaging",
             "`IRSCallback` will score the current (non-averaged) weights: the averaged weights of"
             " `WeightAveraging` are in the module only during validation. To score the averaged weights, pass"
             " `evaluate_on='validation_epoch_end'` and list `IRSCallback` before the averaging callback.",
-            category=UserWarning,
         )
 
     def _epoch_selected(self, trainer: "pl.Trainer") -> bool:
@@ -516,13 +569,16 @@ class IRSCallback(Callback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(message, category=UserWarning)
+            # `rank_zero_warn` puts three frames of its own above this method.
+            rank_zero_warn(message, category=UserWarning, stacklevel=_user_stacklevel() + 3)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Evaluation
 
-    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *, on_step: bool) -> None:
-        """Sample, score and log; identical on every rank except for the pictures."""
+    def _evaluate(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *, on_step: bool, logger_step: int
+    ) -> None:
+        """Sample, score and log under `logger_step`; identical on every rank except for what goes to loggers."""
         device = pl_module.device
         with _isolated_rng(device), torch.no_grad():
             self._prepare(trainer, pl_module)
@@ -560,15 +616,19 @@ class IRSCallback(Callback):
                 index=self._index,
             )
             metrics = self._metrics(result, synthetic_features)
-        self._log_metrics(trainer, pl_module, metrics, on_step=on_step)
+        self._log_metrics(trainer, pl_module, metrics, on_step=on_step, logger_step=logger_step)
         if self.log_images and trainer.is_global_zero:
-            self._log_pictures(trainer, torch.cat(shown)[: self.num_images], result)
+            self._log_pictures(trainer, torch.cat(shown)[: self.num_images], result, logger_step)
 
     def _prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Build the extractor, the real and held-out features, the index and FID's real statistics once."""
         device = pl_module.device
         if self._extractor is None:
-            raise RuntimeError("`IRSCallback` evaluates during `fit` only; its `setup` builds the feature extractor.")
+            raise RuntimeError(
+                "`IRSCallback` evaluates during `fit` only, after its `setup` has built the feature extractor, got an"
+                " evaluation hook called before `setup`; pass the callback to `Trainer(callbacks=[...])` and call"
+                " `trainer.fit(...)` instead of calling its hooks directly."
+            )
         if isinstance(self._extractor, nn.Module):
             self._extractor.to(device)
         if self._real_features is None:
@@ -695,9 +755,18 @@ class IRSCallback(Callback):
     def _sample_pipeline(self, pl_module: "pl.LightningModule", num_images: int, generator: torch.Generator) -> Tensor:
         attribute: Any = getattr(pl_module, "pipeline")  # noqa: B009 (LightningModule types unknown attributes)
         pipeline = attribute() if callable(attribute) and not hasattr(attribute, "components") else attribute
-        if hasattr(pipeline, "set_progress_bar_config"):
-            pipeline.set_progress_bar_config(disable=True)
-        output = pipeline(batch_size=num_images, generator=generator, output_type="np", **self.pipeline_kwargs)
+        # Lightning owns the terminal during `fit`: the bar is off for this call, and the pipeline's own
+        # configuration (diffusers keeps it in `_progress_bar_config`) is put back afterwards.
+        configurable = hasattr(pipeline, "set_progress_bar_config")
+        previous: dict[str, Any] = {}
+        if configurable:
+            previous = dict(getattr(pipeline, "_progress_bar_config", {}))
+            pipeline.set_progress_bar_config(**{**previous, "disable": True})
+        try:
+            output = pipeline(batch_size=num_images, generator=generator, output_type="np", **self.pipeline_kwargs)
+        finally:
+            if configurable:
+                pipeline.set_progress_bar_config(**previous)
         images = output.images if hasattr(output, "images") else output[0]
         if isinstance(images, np.ndarray):  # diffusers' "np" output: (N, H, W, C) floats in [0, 1]
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -739,12 +808,25 @@ class IRSCallback(Callback):
     # Logging
 
     def _log_metrics(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", metrics: dict[str, float], *, on_step: bool
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        metrics: dict[str, float],
+        *,
+        on_step: bool,
+        logger_step: int,
     ) -> None:
         step = trainer.global_step
-        for name, value in metrics.items():
-            # Every rank holds the same value, so no reduction across ranks is needed.
-            pl_module.log(self.prefix + name, value, on_step=on_step, on_epoch=not on_step, batch_size=1)
+        scalars = {self.prefix + name: value for name, value in metrics.items()}
+        for name, value in scalars.items():
+            # For `callback_metrics` (a `ModelCheckpoint(monitor=...)` target) only: every rank holds the same value,
+            # so no reduction across ranks is needed.
+            pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, batch_size=1, logger=False)
+        if trainer.is_global_zero:
+            # Straight to the loggers, as LearningRateMonitor does: through `pl_module.log`, values logged in
+            # `on_train_batch_end` would reach them only at multiples of `Trainer(log_every_n_steps=...)`.
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=logger_step)
         entry = {"global_step": step, "epoch": trainer.current_epoch, **metrics}
         entry["num_samples"] = int(metrics["num_samples"])
         entry["n_learned"] = int(metrics["n_learned"])
@@ -752,8 +834,7 @@ class IRSCallback(Callback):
         self.last_evaluated_step = step
         log.debug("IRSCallback step %d: %s", step, metrics)
 
-    def _log_pictures(self, trainer: "pl.Trainer", shown: Tensor, result: IRSResult) -> None:
-        step = trainer.global_step
+    def _log_pictures(self, trainer: "pl.Trainer", shown: Tensor, result: IRSResult, step: int) -> None:
         columns = max(1, math.isqrt(self.num_images))
         pictures = {"samples": _make_grid(_as_display(shown), columns)}
         if self._real_lookup is None:

@@ -123,7 +123,7 @@ def irs_callback(**kwargs) -> IRSCallback:
     return IRSCallback(**kwargs)
 
 
-def test_tensorboard_scalars_images_and_histogram_read_back(tmp_path):
+def test_tensorboard_scalars_images_and_histogram_read_back(tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     module = TinyDiffusion(training_images())
@@ -131,6 +131,7 @@ def test_tensorboard_scalars_images_and_histogram_read_back(tmp_path):
     irs = irs_callback()
     fit(tmp_path, module, [irs], logger)
     assert len(module.generated) == 2  # one pipeline call per evaluation (epochs 0 and 1)
+    assert "it/s" not in capfd.readouterr().err  # the pipeline's progress bar stays off during `fit`
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "histograms": 0})
     events.Reload()
@@ -148,7 +149,15 @@ def test_tensorboard_scalars_images_and_histogram_read_back(tmp_path):
         assert events.Scalars("irs/n_learned")[evaluation].value == n_learned
         assert events.Scalars("irs/num_samples")[evaluation].value == NUM_SAMPLES
     assert len(events.Scalars("irs/irs_inf")) == 2
-    assert all(math.isfinite(event.value) and event.value >= 0 for event in events.Scalars("irs/fid"))
+    fid = [event.value for event in events.Scalars("irs/fid")]
+    assert fid == pytest.approx([entry["fid"] for entry in irs.history], rel=1e-6)  # float32 in the event file
+    assert all(math.isfinite(value) and value > 0 for value in fid)
+
+    # 4 batches per epoch: evaluations after global steps 4 and 8, filed under Lightning's steps 3 and 7 (where its
+    # own epoch-end values of those epochs go), pictures and scalars alike.
+    assert [entry["global_step"] for entry in irs.history] == [4, 8]
+    for kind, tag in [("Scalars", "irs/irs_inf"), ("Images", "irs/samples"), ("Histograms", "irs/retrieval_counts")]:
+        assert [event.step for event in getattr(events, kind)(tag)] == [3, 7], tag
 
     # 4 samples in a 2 x 2 grid of 8 x 8 images with a one-pixel border: (2 * 9 + 1) pixels each side.
     samples = events.Images("irs/samples")
@@ -313,12 +322,17 @@ def test_pipeline_sampling_leaves_training_unchanged(tmp_path):
     assert len(reference) == 2
 
 
-def test_pipeline_attribute_is_used_directly(tmp_path):
+def test_pipeline_attribute_is_used_directly(tmp_path, capfd):
     module = TinyDiffusion(training_images())
     pipe = module.pipeline()
+    pipe.set_progress_bar_config(desc="user-bar")
     module.pipeline = pipe  # a pipeline object instead of a method
     irs = irs_callback(num_samples=4, log_images=False, compute_fid=False)
     fit(tmp_path, module, [irs], False, max_epochs=1, limit_train_batches=1)
+    assert "user-bar" not in capfd.readouterr().err  # no bar inside `fit`
+    pipe(batch_size=1, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert "user-bar" in capfd.readouterr().err  # the user's own bar configuration is back afterwards
+    del module.generated[1:]
     assert [batch.shape for batch in module.generated] == [(4, 8, 8, 1)]
     assert irs.history[0]["num_samples"] == 4
     assert irs.history[0]["irs_inf"] == pytest.approx(expected_scores(module, 0)[0], abs=1e-12)

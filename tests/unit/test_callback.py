@@ -2,12 +2,13 @@
 """IRSCallback with a trivial generator module: configuration errors, sampling hygiene, state, precision loop."""
 
 import re
+import types
 import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,6 +85,31 @@ class Recorder:
         self.returned.append(out)
         self.sizes.append(num_images)
         return out
+
+
+class RecordingLogger(Logger):
+    """Keeps every `log_metrics` call as (step, metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def steps_of(self, key: str) -> list[int | None]:
+        return [step for step, metrics in self.calls if key in metrics]
 
 
 def make_trainer(tmp_path, callbacks, max_epochs: int = 1, logger=False, **kwargs) -> pl.Trainer:
@@ -209,13 +235,42 @@ def test_setup_rejects_loggers_without_images(tmp_path, logger, names):
     assert module.losses == []
 
 
-def test_other_loggers_are_skipped_with_one_warning(tmp_path):
+def test_setup_rejects_two_callbacks_with_one_prefix(tmp_path):
+    module = ToyGenerator(real_images())
+    twins = [callback(real_data=real_images()), callback(real_data=real_images(), every_n_epochs=2)]
+    message = (
+        "Each `IRSCallback` of a trainer needs its own `prefix`, got 2 with `prefix='irs/'`, whose values would"
+        " overwrite each other in the loggers; pass a distinct `prefix=` to each (for example `prefix='irs_fine/'`)."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_trainer(tmp_path, twins).fit(module)
+    assert module.losses == []
+
+
+def test_other_loggers_are_skipped_with_one_warning_pointing_at_the_fit_call(tmp_path):
     loggers = [TensorBoardLogger(tmp_path), CSVLogger(tmp_path)]
     irs = callback(log_images=True, real_data=real_images(), every_n_train_steps=1)
     with pytest.warns(UserWarning, match=re.escape("`IRSCallback` cannot log pictures to CSVLogger;")) as record:
         make_trainer(tmp_path, [irs], logger=loggers).fit(ToyGenerator(real_images()))
     assert len(irs.history) == 3
-    assert sum("cannot log pictures" in str(w.message) for w in record) == 1
+    warned = [w for w in record if "cannot log pictures" in str(w.message)]
+    assert len(warned) == 1  # once per callback, not once per evaluation
+    assert warned[0].filename == __file__  # the user's `fit` line, not our code or Lightning's
+
+
+def test_evaluation_hook_called_by_hand_before_setup_raises():
+    irs = callback(real_data=real_images())
+    loop = types.SimpleNamespace(epoch_loop=types.SimpleNamespace(_batches_that_stepped=1))
+    trainer = types.SimpleNamespace(current_epoch=0, global_step=1, fit_loop=loop)
+    message = "`IRSCallback` evaluates during `fit` only, after its `setup` has built the feature extractor, got an"
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        irs.on_train_epoch_end(trainer, types.SimpleNamespace(device=torch.device("cpu")))
+
+
+def test_validate_outside_fit_leaves_the_callback_idle(tmp_path):
+    irs = callback(real_data=real_images(), evaluate_on="validation_epoch_end")
+    make_trainer(tmp_path, [irs]).validate(WithValidation(real_images()), verbose=False)
+    assert irs.history == []
 
 
 def test_precomputed_real_features_skip_lookup_pictures_with_a_warning(tmp_path):
@@ -319,6 +374,22 @@ def test_training_loss_curve_is_unchanged_by_the_callback(tmp_path):
     assert len(without) == 6
 
 
+def test_compute_fid_false_builds_and_logs_no_fid(tmp_path, monkeypatch):
+    import torchmetrics.image.fid
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("FrechetInceptionDistance was built with compute_fid=False")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "FrechetInceptionDistance", refuse)
+    logger = RecordingLogger()
+    irs = callback(real_data=real_images(), compute_fid=False)
+    trainer = make_trainer(tmp_path, [irs], logger=logger)
+    trainer.fit(ToyGenerator(real_images()))
+    assert "fid" not in irs.history[0]
+    assert "irs/fid" not in trainer.callback_metrics
+    assert (logger.steps_of("irs/fid"), logger.steps_of("irs/irs_inf")) == ([], [2])
+
+
 def test_fid_is_logged_and_matches_torchmetrics_on_the_features(tmp_path):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -362,6 +433,45 @@ def test_target_ci_width_stops_at_max_samples(tmp_path):
     assert irs.history[0]["num_samples"] == 15  # 6 + 6 + 3: the last round is cut to the cap
 
 
+class LogsReferences(WithValidation):
+    """Logs a training loss per step and per epoch, and a validation value, as a user would."""
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=8)
+        return loss
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("val_value", 1.0, batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "log_every_n_steps", "steps", "reference"),
+    [
+        ({"every_n_train_steps": 2}, 1, [1, 3, 5], "train_loss_step"),
+        ({"every_n_train_steps": 2}, 50, [1, 3, 5], None),
+        ({"evaluate_on": "train_epoch_end"}, 50, [2, 5], "train_loss_epoch"),
+        ({"evaluate_on": "validation_epoch_end"}, 50, [2, 5], "val_value"),
+    ],
+    ids=["step-interval", "step-interval-sparse-logging", "train-epoch-end", "validation-epoch-end"],
+)
+def test_logger_steps_follow_lightning(tmp_path, kwargs, log_every_n_steps, steps, reference):
+    logger = RecordingLogger()
+    module = LogsReferences(real_images())  # 3 batches per epoch, 2 epochs
+    irs = callback(real_data=real_images(), compute_fid=False, **kwargs)
+    trainer = make_trainer(tmp_path, [irs], max_epochs=2, logger=logger, log_every_n_steps=log_every_n_steps)
+    trainer.fit(module)
+    # The history keeps `trainer.global_step`; the loggers get Lightning's 0-based step of the same batch.
+    assert [entry["global_step"] for entry in irs.history] == [step + 1 for step in steps]
+    assert logger.steps_of("irs/irs_inf") == steps  # every evaluation, whatever `log_every_n_steps`
+    if reference == "train_loss_step":
+        # Lightning filed the loss of global batch s (0-based) under step s, the step our score of it has.
+        logged = {step: metrics[reference] for step, metrics in logger.calls if reference in metrics}
+        assert [logged[step] for step in steps] == pytest.approx([module.losses[step] for step in steps])
+    elif reference is not None:
+        assert logger.steps_of(reference) == steps  # the same steps as Lightning's own epoch-end values
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # State, resumption, two instances
 
@@ -394,15 +504,28 @@ def test_resume_from_checkpoint_keeps_history_and_skips_the_evaluated_step(tmp_p
 
 def test_two_instances_coexist_in_one_checkpoint(tmp_path):
     real = real_images()
-    coarse = callback(real_data=real, prefix="coarse/", num_samples=4, compute_fid=False)
-    fine = callback(real_data=real, prefix="fine/", num_samples=32, compute_fid=False)
+
+    def pair() -> list[IRSCallback]:
+        return [
+            callback(real_data=real, prefix="coarse/", num_samples=4, compute_fid=False),
+            callback(real_data=real, prefix="fine/", num_samples=32, compute_fid=False),
+        ]
+
+    coarse, fine = pair()
     assert coarse.state_key != fine.state_key
     trainer = make_trainer(tmp_path, [coarse, fine], enable_checkpointing=True)
     trainer.fit(ToyGenerator(real))
     assert {"coarse/irs_inf", "fine/irs_inf"} <= set(trainer.callback_metrics)
-    saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)["callbacks"]
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"]
     assert saved[coarse.state_key]["history"][0]["num_samples"] == 4
     assert saved[fine.state_key]["history"][0]["num_samples"] == 32
+    # Resumed, each new instance gets its own history back, then evaluates epoch 1 with its own sample count.
+    resumed = pair()
+    make_trainer(tmp_path, resumed, max_epochs=2).fit(ToyGenerator(real), ckpt_path=checkpoint)
+    assert [entry["num_samples"] for entry in resumed[0].history] == [4, 4]
+    assert [entry["num_samples"] for entry in resumed[1].history] == [32, 32]
+    assert (resumed[0].history[0], resumed[1].history[0]) == (coarse.history[0], fine.history[0])
 
 
 def test_same_configuration_twice_is_refused_by_lightning(tmp_path):
@@ -492,8 +615,10 @@ def test_weight_averaging_warning_when_raw_weights_will_be_scored(tmp_path):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     irs = callback(real_data=real_images(), compute_fid=False)
-    with pytest.warns(UserWarning, match=re.escape("`IRSCallback` will score the current (non-averaged) weights")):
+    message = "`IRSCallback` will score the current (non-averaged) weights"
+    with pytest.warns(UserWarning, match=re.escape(message)) as record:
         make_trainer(tmp_path, [irs, EMAWeightAveraging()]).fit(ToyGenerator(real_images()))
+    assert [w.filename for w in record if message in str(w.message)] == [__file__]  # once, at the `fit` line
     quiet = callback(real_data=real_images(), compute_fid=False, evaluate_on="validation_epoch_end")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -414,6 +414,10 @@ class ImageFileDataset(Dataset):
         image_size: Resize every image to this square size (bilinear, antialiased) before `transform`.
         transform: A callable applied to each (3, H, W) image, e.g. one an extractor supplies.
 
+    Raises:
+        TypeError: If `image_size` is neither an int nor None.
+        ValueError: If `image_size` is not positive.
+
     Example:
         >>> dataset = ImageFileDataset(torch.zeros(2, 3, 5, 7, dtype=torch.uint8), image_size=4)
         >>> index, image, error = dataset[1]

@@ -12,15 +12,15 @@ JSON with `--json` (extractor, weights checksum, seed, package versions, skipped
 page with `--report`.
 
 Without held-out real images, `--split-train` holds out a seeded random half of TRAIN as the held-out set (SPEC.md
-section 2.7): the rows are `torch.randperm(N, generator=torch.Generator().manual_seed(seed))`, the first `N // 2`
-held out, the same split as `diadm.functional.split_train_for_test`. The JSON lists both halves' TRAIN rows.
+section 2.7). Of the N readable TRAIN images (in input order), the first `N // 2` positions of
+`torch.randperm(N, generator=torch.Generator().manual_seed(seed))` are held out, the same split as
+`diadm.functional.split_train_for_test`; the JSON lists both halves' rows under `split_train`.
 
 Note:
     With `--split-train` the reference is only half of TRAIN, so IRS_alpha and IRS_inf (and `N_train` in the table,
-    `nearest_train_index` and `retrieval_counts` in the JSON) describe that half, and each bound is a little wider
-    than against the whole set. Map `nearest_train_index` to TRAIN rows through `split_train.reference_rows`. For
-    the coverage of the whole training set, score once without `--split-train` as well, or pass real held-out
-    images with `--test`.
+    `nearest_train_index` and `retrieval_counts` in the JSON) describe that half. Map `nearest_train_index` to TRAIN
+    rows through `split_train.reference_rows`. For the coverage of the whole training set, score once without
+    `--split-train` as well, or pass real held-out images with `--test`.
 
 Scale: features are kept in float16 with `--feature-dtype float16` (or as a float16 feature file) and the reference
 is searched exactly in blocks of `--max-memory-mb`; on a GPU (`--device cuda`) the torch backend searches there.

@@ -306,6 +306,22 @@ def test_finetune_cli_usage_errors_exit_2(tmp_path, capsys, extra, message):
     assert re.search(re.escape(message), capsys.readouterr().err)
 
 
+def test_finetune_cli_loggers(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    from diadm.cli.finetune import _logger
+
+    tensorboard = _logger("tensorboard", tmp_path)
+    assert isinstance(tensorboard, TensorBoardLogger)
+    assert Path(tensorboard.root_dir) == tmp_path / "runs" / "finetune"
+    assert isinstance(_logger("wandb", tmp_path), WandbLogger)  # no run starts before the first log call
+    assert _logger("none", tmp_path) is False
+    monkeypatch.setattr("diadm._imports.WANDB_AVAILABLE", False)
+    message = "`diadm finetune --logger wandb` needs `wandb`, which is not installed. Install it with"
+    with pytest.raises(ModuleNotFoundError, match=re.escape(message)):
+        _logger("wandb", tmp_path)
+
+
 def test_finetune_cli_bare_unet_needs_a_scheduler(tmp_path, capsys):
     tiny_unet().save_pretrained(tmp_path / "unet")
     write_digit_folder(tmp_path / "data", count=2)

@@ -4,8 +4,10 @@
 import json
 import math
 import re
+import struct
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -168,8 +170,38 @@ def test_tensorboard_scalars_images_and_histogram_read_back(tmp_path, capfd):
     assert (histogram.num, histogram.sum) == (NUM_TRAIN, NUM_SAMPLES)  # one count per training image, n in total
 
 
+def offline_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The history rows of an offline W&B run, read back from its `.wandb` file (what `wandb sync` would upload).
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each a 4-byte checksum, a
+    2-byte little-endian length, a 1-byte type (1 full, 2 first, 3 middle, 4 last) and its bytes; the bytes of a full
+    or reassembled record are one protobuf `Record`. A block's last 6 bytes or fewer are padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, pending, rows = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return rows
+
+
 @pytest.mark.slow
-def test_wandb_offline_summary_holds_the_scores_and_pictures(tmp_path, monkeypatch):
+def test_wandb_offline_run_file_holds_the_scores_and_pictures(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
@@ -179,32 +211,27 @@ def test_wandb_offline_summary_holds_the_scores_and_pictures(tmp_path, monkeypat
     irs = irs_callback()
     try:
         fit(tmp_path, module, [irs], logger, max_epochs=1)
-        # wandb >= 0.19 writes no summary file offline; the run's summary is what `wandb sync` uploads.
-        summary = json.loads(json.dumps(dict(logger.experiment.summary), default=dict))
-        media = Path(logger.experiment.dir) / "media" / "images" / "irs"
+        files = Path(logger.experiment.dir)
     finally:
-        wandb.finish()
+        wandb.finish()  # flushes the run file
+    rows = offline_history(files.parent)
+    logged = {key: value for row in rows for key, value in row.items() if key.startswith("irs/")}
+    # One epoch of 4 batches: everything is filed under Lightning's step 3, the step of its epoch-end values.
+    assert {row["trainer/global_step"] for row in rows} == {3}
     irs_inf, irs_alpha, n_learned = expected_scores(module, 0)
-    assert summary["irs/irs_inf"] == pytest.approx(irs_inf, abs=1e-12)
-    assert summary["irs/irs_alpha"] == pytest.approx(irs_alpha, abs=1e-12)
-    assert summary["irs/n_learned"] == n_learned
-    assert summary["irs/num_samples"] == NUM_SAMPLES
-    # torchmetrics returns FID in the features' dtype (float32).
-    assert summary["irs/fid"] == pytest.approx(irs.history[0]["fid"], rel=1e-6)
+    assert logged["irs/irs_inf"] == pytest.approx(irs_inf, abs=1e-12)
+    assert logged["irs/irs_alpha"] == pytest.approx(irs_alpha, abs=1e-12)
+    assert (logged["irs/n_learned"], logged["irs/num_samples"]) == (n_learned, NUM_SAMPLES)
+    assert logged["irs/fid"] == pytest.approx(irs.history[0]["fid"], rel=1e-12)
     sizes = {"samples": (19, 19), "samples_and_retrieved": (37, 19), "never_retrieved": (19, 19)}
     for name, (width, height) in sizes.items():
-        entry = summary[f"irs/{name}"]
-        assert (entry["_type"], entry["count"], entry["width"], entry["height"]) == (
-            "images/separated",
-            1,
-            width,
-            height,
-        )
-        assert (media.parent.parent.parent / entry["filenames"][0]).is_file()
-    histogram = summary["irs/retrieval_counts"]
-    assert histogram["_type"] == "histogram"
-    assert sum(histogram["values"]) == NUM_TRAIN  # one count per training image
-    assert histogram["values"][0] == NUM_TRAIN - n_learned  # the first bin holds the never-retrieved images
+        entry = [logged[f"irs/{name}/{field}"] for field in ("_type", "count", "width", "height")]
+        assert entry == ["images/separated", 1, width, height], name
+        assert (files / logged[f"irs/{name}/filenames"][0]).is_file()
+    assert logged["irs/retrieval_counts/_type"] == "histogram"
+    counts = logged["irs/retrieval_counts/values"]
+    assert sum(counts) == NUM_TRAIN  # one count per training image
+    assert counts[0] == NUM_TRAIN - n_learned  # the first bin holds the never-retrieved images
 
 
 class Scalar(pl.LightningModule):

@@ -132,12 +132,31 @@ def test_two_process_ddp(tmp_path):
     assert entry["irs_inf"] == pytest.approx(expected.irs_inf, abs=1e-12)
     assert ranks[1]["callback_metrics"]["fixed/irs_inf"] == pytest.approx(expected.irs_inf, abs=1e-6)
 
-    # The precision loop takes the same decision on both ranks (no hang) and logs the count it used.
+    # The precision loop takes the same decision on both ranks (no hang) and logs the count it used: replayed
+    # here round by round (5 samples, 3 on rank 0 then 2 on rank 1), it stops at the first width below 0.4.
     assert ranks[0]["ci"]["history"] == ranks[1]["ci"]["history"]
     used = ranks[0]["ci"]["history"][0]["num_samples"]
-    assert used > 5
-    assert used % 5 == 0 or used == 60
-    assert sum(len(call["images"]) for rank in ranks for call in rank["ci"]["calls"]) == used
+    rounds = [r0["images"] + r1["images"] for r0, r1 in zip(*(rank["ci"]["calls"] for rank in ranks), strict=True)]
+    assert [len(batch) for batch in rounds] == [5] * len(rounds)
+    replayed = torch.tensor([image for batch in rounds for image in batch]).flatten(1).double()
+    retrieved = torch.cdist(replayed, real).argmin(dim=1)
+    expected_used = 60  # the cap, unless a round is narrow enough first
+    for total in range(5, 60, 5):
+        estimate = estimate_irs(40, total, retrieved[:total].unique().numel())
+        if estimate.irs_inf_upper - estimate.irs_inf_lower < 0.4:
+            expected_used = total
+            break
+    assert used == expected_used == replayed.shape[0]
+    assert used > 5  # the first round alone is not precise enough: the loop did run
+
+    # Scalars reach TensorBoard once (rank zero's logger), under Lightning's step: 40 images / 2 ranks / 5 per batch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("fixed/irs_inf")] == [
+        (3, pytest.approx(expected.irs_inf, abs=1e-6))
+    ]
 
     # Pictures only from rank zero (the second callback has them switched off).
     assert [rank["pictures"] for rank in ranks] == [["fixed/"], []]

@@ -11,6 +11,7 @@ they retrieved, training images nobody retrieved, a histogram of retrieval count
 import hashlib
 import logging
 import math
+import numbers
 import os
 import random
 import sys
@@ -129,6 +130,11 @@ def _logger_step(trainer: "pl.Trainer", *, train_epoch_end: bool) -> int:
     return max(stepped - 1, 0) if train_epoch_end else stepped
 
 
+def _rank_share(total: int, world_size: int, rank: int) -> int:
+    """How many of `total` samples rank `rank` draws: equal shares, the remainder to the lowest ranks."""
+    return total // world_size + (1 if rank < total % world_size else 0)
+
+
 @contextmanager
 def _isolated_rng(device: torch.device) -> Iterator[None]:
     """Run the body without changing Python's, NumPy's or torch's global random state (CPU and `device`)."""
@@ -228,15 +234,17 @@ class IRSCallback(Callback):
     Raises:
         ValueError: In `__init__` if both intervals are given, an interval, `sample_batch_size` or `num_images` is
             not a positive integer, `num_samples < 2`, `evaluate_on` or `sampler_order` is unknown, both a source
-            and precomputed features are given, `target_ci_width` is outside (0, 1], `max_samples < num_samples`,
-            or `max_samples` is given without `target_ci_width`. In `setup` if no sampling source in
+            and precomputed features are given, `target_ci_width` is not a number in (0, 1], `max_samples` is not
+            an integer of at least `num_samples`, `max_samples` is given without `target_ci_width`, or `alpha_e` is
+            not a number in (0, 0.5). In `setup` if no sampling source in
             `sampler_order` is available, pictures are requested and no logger of the trainer can take them,
             `evaluate_on="validation_epoch_end"` is asked of a fit without validation, or another `IRSCallback` of
             the trainer has the same `prefix`.
             At the first evaluation if a real or held-out source holds no images; at any evaluation if images
             (sampled or real) are not (N, C, H, W) with C in (1, 3) and values in [0, 1], or the sampler returns
             another number of images than asked for.
-        TypeError: In `__init__` if `sample_fn` or `batch_to_images` is not callable or `prefix` is not a string.
+        TypeError: In `__init__` if `sample_fn` or `batch_to_images` is not callable, `prefix` is not a string,
+            `compute_fid` or `log_images` is not a bool, or `seed` is not an int.
             At evaluation if images are not a uint8 or floating tensor, a real or held-out source is neither a
             tensor, a Dataset nor a DataLoader, or `held_out_data="val"` meets something else than one or more
             validation DataLoaders (the first is used).
@@ -374,7 +382,11 @@ class IRSCallback(Callback):
                 "`IRSCallback` takes the held-out set once, got both `held_out_data` and `held_out_features`;"
                 " pass only one of them."
             )
-        if target_ci_width is not None and not 0 < target_ci_width <= 1:
+        if target_ci_width is not None and (
+            isinstance(target_ci_width, bool)
+            or not isinstance(target_ci_width, numbers.Real)
+            or not 0 < target_ci_width <= 1
+        ):
             raise ValueError(
                 f"`target_ci_width` must be in (0, 1] (a width of the `irs_inf` interval), got {target_ci_width!r}."
             )
@@ -384,10 +396,19 @@ class IRSCallback(Callback):
                     f"`max_samples={max_samples}` caps the sampling of `target_ci_width`, which is None;"
                     " pass `target_ci_width=` as well, or `num_samples=` for a fixed count."
                 )
-            if max_samples < num_samples:
-                raise ValueError(f"`max_samples` must be at least `num_samples` ({num_samples}), got {max_samples}.")
+            if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < num_samples:
+                raise ValueError(
+                    f"`max_samples` must be an integer of at least `num_samples` ({num_samples}), got {max_samples!r}."
+                )
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        for name, flag in (("compute_fid", compute_fid), ("log_images", log_images)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r} ({type(flag).__name__}).")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int, got {seed!r} ({type(seed).__name__}).")
+        # The estimator's own rule for `alpha_e`, checked now rather than after the first training epoch.
+        estimate_irs(1, 1, 1, alpha_e=alpha_e)
 
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
@@ -740,7 +761,8 @@ class IRSCallback(Callback):
                 )
                 if batch.shape[0] != count:
                     raise ValueError(
-                        f"The {self._sampler_name!r} sampler must return {count} images, got {batch.shape[0]}."
+                        f"The {self._sampler_name!r} sampler must return {count} images, got {batch.shape[0]};"
+                        " return exactly `num_images` images per call (the callback asks for its batches itself)."
                     )
                 images.append(batch)
                 features.append(self._extract(batch, pl_module.device))
@@ -877,8 +899,3 @@ class IRSCallback(Callback):
                     f"`IRSCallback` cannot log pictures to {type(logger).__name__}; it skips that logger"
                     " (TensorBoardLogger and WandbLogger are supported).",
                 )
-
-
-def _rank_share(total: int, world_size: int, rank: int) -> int:
-    """How many of `total` samples rank `rank` draws: equal shares, the remainder to the lowest ranks."""
-    return total // world_size + (1 if rank < total % world_size else 0)

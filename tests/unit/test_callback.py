@@ -175,10 +175,21 @@ def callback(**kwargs) -> IRSCallback:
         (
             {"target_ci_width": 0.1, "max_samples": 8},
             ValueError,
-            "`max_samples` must be at least `num_samples` (16), got 8.",
+            "`max_samples` must be an integer of at least `num_samples` (16), got 8.",
         ),
+        (
+            {"target_ci_width": 0.1, "max_samples": 100.0},
+            ValueError,
+            "`max_samples` must be an integer of at least `num_samples` (16), got 100.0.",
+        ),
+        ({"target_ci_width": "0.1"}, ValueError, "`target_ci_width` must be in (0, 1] (a width of the `irs_inf`"),
         ({"sample_batch_size": 0}, ValueError, "`sample_batch_size` must be a positive integer, got 0."),
         ({"prefix": None}, TypeError, "`prefix` must be a string, got NoneType."),
+        ({"compute_fid": "no"}, TypeError, "`compute_fid` must be a bool, got 'no' (str)."),
+        ({"log_images": 1}, TypeError, "`log_images` must be a bool, got 1 (int)."),
+        ({"seed": 1.5}, TypeError, "`seed` must be an int, got 1.5 (float)."),
+        ({"alpha_e": 0.5}, ValueError, "`alpha_e` must lie in the open interval (0, 0.5), got 0.5;"),
+        ({"alpha_e": "0.05"}, ValueError, "`alpha_e` must be a float in (0, 0.5), got '0.05' (str);"),
     ],
     ids=[
         "both-intervals",
@@ -194,8 +205,15 @@ def callback(**kwargs) -> IRSCallback:
         "width-0",
         "max-without-target",
         "max-below-num",
+        "max-float",
+        "width-str",
         "batch-0",
         "prefix",
+        "compute-fid-str",
+        "log-images-int",
+        "seed-float",
+        "alpha-e-range",
+        "alpha-e-str",
     ],
 )
 def test_constructor_rejects_bad_configuration(kwargs, error, message):
@@ -704,7 +722,7 @@ def test_held_out_given_as_an_argument(tmp_path, kind):
         (
             {"sample_fn": lambda module, num, generator: torch.rand(num + 1, 1, SIDE, SIDE, generator=generator)},
             ValueError,
-            "The 'sample_fn' sampler must return 16 images, got 17.",
+            "The 'sample_fn' sampler must return 16 images, got 17; return exactly `num_images` images per call",
         ),
         (
             {"real_data": [torch.zeros(1, SIDE, SIDE)]},

@@ -251,6 +251,13 @@ class ImageRetrievalScore(Metric):
         duplicates. A single process makes no such check.
 
     Note:
+        Precision: the stored rows always keep `feature_dtype` and the search runs in float32, so `set_dtype`
+        (which casts the states of other metrics) leaves the rows and the int64 dataset indices as they are.
+        `set_dtype` and `.to(dtype)` (which Lightning's "16-true"/"bf16-true" precisions call) cast the weights of
+        an extractor module; it then runs its network in that dtype (preprocessing stays float32) and still
+        returns float32 features. `.half()`, `.float()` and `.double()` do nothing, as on every torchmetrics metric.
+
+    Note:
         `forward` (calling the metric) only accumulates, like `update`, and returns None: IRS needs the whole
         reference set, so a per-batch value has no meaning. The reference index is cached between `compute()`
         calls and rebuilt when training rows are added, reset, loaded or moved; under DDP its key is the number of
@@ -576,7 +583,18 @@ class ImageRetrievalScore(Metric):
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> nn.Module:
         # moving the metric moves the training rows, so an index built on the old device is stale
         self._invalidate_index()
-        return super()._apply(fn, exclude_state)
+        converts_states = self._dtype_convert
+        out = super()._apply(fn, exclude_state)
+        if converts_states:
+            # `set_dtype` casts every state; the rows keep `feature_dtype` and the dataset indices stay int64
+            for prefix, _ in _KINDS:
+                for name, dtype in ((f"{prefix}_features", self.feature_dtype), (f"{prefix}_indices", torch.int64)):
+                    state = getattr(self, name)
+                    if isinstance(state, list):
+                        setattr(self, name, [value.to(dtype) for value in state])
+                    else:
+                        setattr(self, name, state.to(dtype))
+        return out
 
     @override
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:

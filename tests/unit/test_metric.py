@@ -209,6 +209,36 @@ def test_user_module_moves_with_the_metric():
     assert metric.device.type == "meta"
 
 
+def test_metric_cast_to_another_dtype_still_updates():
+    # `.to(dtype)` (as Lightning's "bf16-true" precision does) casts the extractor's weights; the extractor feeds
+    # them inputs of their dtype, and the stored rows keep `feature_dtype`
+    net = _TinyConvNet()
+    imgs = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = net.to(torch.float64)((imgs.float() / 255).double()).float()
+    metric = ImageRetrievalScore(feature=net).to(torch.float64)
+    metric.update(imgs, real=True)
+    assert metric.train_features[0].dtype == torch.float32
+    torch.testing.assert_close(metric.train_features[0], expected, rtol=0, atol=0)
+
+
+def test_set_dtype_keeps_the_rows_and_indices_and_runs_the_extractor_in_that_dtype():
+    net = _TinyConvNet()
+    imgs = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    metric = ImageRetrievalScore(feature=net, feature_dtype=torch.float16)
+    metric.update(imgs, real=True, indices=torch.arange(6))
+    before = metric.train_features[0].clone()
+    metric.set_dtype(torch.float64)
+    assert next(net.parameters()).dtype == torch.float64
+    assert metric.train_features[0].dtype == torch.float16
+    assert torch.equal(metric.train_features[0], before)
+    assert metric.train_indices[0].dtype == torch.int64
+    metric.update(imgs, real=False, indices=torch.arange(6))
+    assert metric.generated_features[0].dtype == torch.float16
+    scores = metric.compute()
+    assert (scores["n_learned"].item(), metric.last_result.nearest_train_index.tolist()) == (6, list(range(6)))
+
+
 def test_plain_callable_as_feature():
     metric = ImageRetrievalScore(feature=lambda imgs: imgs.flatten(1) * 2, feature_kwargs={"num_features": 16})
     imgs = torch.full((3, 1, 4, 4), 255, dtype=torch.uint8)

@@ -119,6 +119,8 @@ class FeatureExtractor(nn.Module):
     does the rest: it checks the rank, channel count, dtype and value range of its input, converts uint8 in
     [0, 255] to [0, 1], moves the batch to the extractor's device, runs `extract` under `torch.inference_mode` and
     returns float32 features that are ordinary tensors (usable later in autograd, e.g. as conditioning inputs).
+    When the extractor's parameters were cast (`.to(torch.float64)`, `.half()`, a Lightning "16-true" precision),
+    the network runs in their dtype: preprocessing stays in float32 and its result is cast just before the network.
 
     The extractor never leaves eval mode: `train()` keeps every submodule in eval mode, so batch-norm statistics
     and dropout cannot change the features, even when the extractor sits inside a LightningModule whose
@@ -176,6 +178,13 @@ class FeatureExtractor(nn.Module):
             return parameter.device
         for buffer in self.buffers():
             return buffer.device
+        return None
+
+    def _parameter_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating-point parameter (changed by `.to(dtype)` or `.half()`), or None."""
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
         return None
 
     @override
@@ -272,7 +281,8 @@ class CallableFeatures(FeatureExtractor):
     def _call(self, imgs: Tensor) -> Tensor:
         fn = self.module if self.module is not None else self._fn
         assert fn is not None  # one of the two is always set in __init__
-        out = fn(imgs)
+        dtype = self._parameter_dtype()
+        out = fn(imgs if dtype is None else imgs.to(dtype))
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"the wrapped feature extractor `{self.name}` must return a tensor, got {type(out).__name__}."
@@ -464,7 +474,10 @@ class PretrainedFeatures(FeatureExtractor):
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is None:
-            return self.features(inputs)
+            # a network cast to another dtype takes its input in that dtype (resizing stays in float32, which the
+            # antialiased CPU resize needs)
+            dtype = self._parameter_dtype()
+            return self.features(inputs if dtype is None else inputs.to(dtype))
         with torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype):
             return self.features(inputs).float()
 

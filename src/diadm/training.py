@@ -48,12 +48,18 @@ _DATA_KEY = "diadm_train_data_fingerprint"
 _RNG_KEY = "diadm_generator_states"
 
 
-def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
-    """Two independent CPU generators derived from `seed`: one for the data order, one for the training noise."""
-    children = np.random.SeedSequence(seed).spawn(2)
+_GENERATOR_NAMES = ("data", "noise", "dropout")
+
+
+def _seeded_generators(seed: int) -> dict[str, torch.Generator]:
+    """Independent CPU generators derived from `seed`: for the data order, the noise and timesteps, condition dropout.
+
+    Dropout has its own stream so that DiADM's draws do not shift the noise its baseline (which draws none) also gets.
+    """
+    children = np.random.SeedSequence(seed).spawn(len(_GENERATOR_NAMES))
     # 63 bits: `manual_seed` takes any non-negative int below 2**64, and the top bit is not needed.
     seeds = [int(child.generate_state(1, np.uint64)[0] >> np.uint64(1)) for child in children]
-    return torch.Generator().manual_seed(seeds[0]), torch.Generator().manual_seed(seeds[1])
+    return {name: torch.Generator().manual_seed(value) for name, value in zip(_GENERATOR_NAMES, seeds, strict=True)}
 
 
 def _check_num_images(num_images: Any) -> None:
@@ -278,12 +284,13 @@ class DiADMModule(LightningModule):
         cache_dir: Folder of a `FeatureCache` for the training features, or None to always compute them.
         extraction_batch_size: Images per batch when computing features and latents.
         seed: Seeds the module's own generators for the data order (the shuffle of `train_dataloader`) and for the
-            training noise and timesteps, so that DiADM and its baseline built with the same `seed` see the same
-            batches, noise and timesteps at every step (condition dropout draws from the global generator and does
-            not shift them); their states go into Lightning checkpoints. None draws all of them from the global
-            generator (seed it with `seed_everything`): then the two runs see different batches and noise from the
-            first step on, even after the same `seed_everything`, because converting the UNet (a fresh
-            `UNet2DModel` is initialised before the weights are copied) and condition dropout consume that stream.
+            training noise and timesteps, and a third one for condition dropout, so that DiADM and its baseline built
+            with the same `seed` see the same batches, noise and timesteps at every step; their states go into
+            Lightning checkpoints, so a run resumed from a checkpoint written at the end of an epoch continues
+            exactly. None draws all of them from the global generator (seed it with `seed_everything`): then the
+            two runs see different batches and noise from the first step on, even after the same `seed_everything`,
+            because converting the UNet (a fresh `UNet2DModel` is initialised before the weights are copied) and
+            condition dropout consume that stream.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -388,10 +395,8 @@ class DiADMModule(LightningModule):
         self.sample_batch_size = int(sample_batch_size)
         self.extraction_batch_size = int(extraction_batch_size)
         self.seed = seed
-        self._data_generator: torch.Generator | None = None
-        self._noise_generator: torch.Generator | None = None
-        if seed is not None:
-            self._data_generator, self._noise_generator = _seeded_generators(seed)
+        # Empty without a seed: then everything draws from the global generator.
+        self._generators = _seeded_generators(seed) if seed is not None else {}
 
         # 1. Components, copied so the caller's objects are never trained in place.
         unet, pretrained_scheduler, pretrained_autoencoder = load_pretrained(pretrained)
@@ -572,14 +577,14 @@ class DiADMModule(LightningModule):
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=self.num_workers,
-            generator=self._data_generator,
+            generator=self._generators.get("data"),
         )
 
     @override
     def forward(self, sample: Tensor, timestep: Tensor, features: Tensor | None = None) -> Tensor:
         """Predict the scheduler's target for noisy `sample` at `timestep` with the trained (non-EMA) weights."""
         if self.conditional:
-            return self.unet(sample, timestep, features).sample
+            return self.unet(sample, timestep, features, generator=self._generators.get("dropout")).sample
         return self.unet(sample, timestep).sample
 
     def loss(self, inputs: Tensor, indices: Tensor) -> Tensor:
@@ -593,12 +598,12 @@ class DiADMModule(LightningModule):
             The mean squared error between the prediction and the `prediction_type` target, in float32.
         """
         num_timesteps = self.scheduler.config.num_train_timesteps
-        if self._noise_generator is None:
+        generator = self._generators.get("noise")
+        if generator is None:
             noise = torch.randn_like(inputs)
             timesteps = torch.randint(0, num_timesteps, (inputs.shape[0],), device=inputs.device, dtype=torch.long)
         else:
             # Drawn on the CPU from the module's generator, so the stream is the same on every device.
-            generator = self._noise_generator
             noise = torch.randn(inputs.shape, generator=generator).to(device=inputs.device, dtype=inputs.dtype)
             timesteps = torch.randint(0, num_timesteps, (inputs.shape[0],), generator=generator).to(inputs.device)
         noisy = self.scheduler.add_noise(inputs, noise, timesteps)
@@ -660,11 +665,8 @@ class DiADMModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_DATA_KEY] = self.data_fingerprint
-        if self._data_generator is not None and self._noise_generator is not None:
-            checkpoint[_RNG_KEY] = {
-                "data": self._data_generator.get_state(),
-                "noise": self._noise_generator.get_state(),
-            }
+        if self._generators:
+            checkpoint[_RNG_KEY] = {name: generator.get_state() for name, generator in self._generators.items()}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -676,9 +678,9 @@ class DiADMModule(LightningModule):
                 " same training images to resume."
             )
         states = checkpoint.get(_RNG_KEY)
-        if states is not None and self._data_generator is not None and self._noise_generator is not None:
-            self._data_generator.set_state(states["data"])
-            self._noise_generator.set_state(states["noise"])
+        if states is not None and self._generators:
+            for name, generator in self._generators.items():
+                generator.set_state(states[name])
 
     def feature_indices(self, num_images: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw which bank feature conditions each of `num_images` samples: one per sample, without repeats.

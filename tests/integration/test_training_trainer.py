@@ -257,6 +257,15 @@ def test_finetune_cli_end_to_end_with_resume(tmp_path, capsys, monkeypatch):
     callback_states = [state for key, state in checkpoint["callbacks"].items() if key.startswith("IRSCallback")]
     assert [entry["global_step"] for entry in callback_states[0]["history"]] == [4]
 
+    # Resumed at an epoch boundary (12 images, batches of 4), the seeded run ends where an uninterrupted one ends.
+    straight = tmp_path / "straight"
+    assert main([*common, "--out", str(straight), "--max-steps", "5", "--logger", "none"]) == 0  # the last --out wins
+    resumed_unet = DiADMPipeline.from_pretrained(out / "pipeline").unet
+    straight_parameters = dict(DiADMPipeline.from_pretrained(straight / "pipeline").unet.named_parameters())
+    for name, parameter in resumed_unet.named_parameters():
+        assert torch.equal(parameter, straight_parameters[name]), name
+    assert not torch.equal(resumed_unet.feature_projection.weight, first.unet.feature_projection.weight)
+
 
 def test_finetune_cli_unconditional(tmp_path, capsys):
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "pre")

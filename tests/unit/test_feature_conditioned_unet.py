@@ -172,6 +172,25 @@ def test_condition_dropout_fraction_in_training_mode_only():
     assert torch.equal(conditioned, model.eval()(sample, 10, features).sample.detach())
 
 
+def test_condition_dropout_draws_from_the_given_generator(unet):
+    model = FeatureConditionedUNet.from_unet(unet, feature_dim=FEATURE_DIM, condition_dropout=0.5)
+    randomize_condition(model)
+    batch = 8
+    sample, features = torch.randn(batch, 3, 8, 8), torch.randn(batch, FEATURE_DIM)
+    dropped = torch.rand(batch, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert 0 < int(dropped.sum()) < batch
+    with torch.no_grad():
+        embedding = torch.where(
+            dropped[:, None], model.condition_embedding(None, batch), model.condition_embedding(features, batch)
+        )
+        expected = model(sample, 4, embedding=embedding).sample
+        model.train()
+        state = torch.get_rng_state()
+        actual = model(sample, 4, features, generator=torch.Generator().manual_seed(3)).sample
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
 def test_condition_dropout_one_always_uses_null(unet):
     model = FeatureConditionedUNet.from_unet(unet, feature_dim=FEATURE_DIM, condition_dropout=1.0)
     randomize_condition(model)

@@ -278,10 +278,13 @@ def test_seeded_generators_are_saved_and_restored_with_the_checkpoint(images):
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     inputs = module._inputs[:2]
-    noise = torch.randn(inputs.shape, generator=module._noise_generator)
+    noise = torch.randn(inputs.shape, generator=module._generators["noise"])
+    dropout = torch.rand(4, generator=module._generators["dropout"])
     order = list(module.train_dataloader())
     module.on_load_checkpoint(checkpoint)
-    torch.testing.assert_close(torch.randn(inputs.shape, generator=module._noise_generator), noise, atol=0, rtol=0)
+    torch.testing.assert_close(torch.randn(inputs.shape, generator=module._generators["noise"]), noise, atol=0, rtol=0)
+    torch.testing.assert_close(torch.rand(4, generator=module._generators["dropout"]), dropout, atol=0, rtol=0)
+    assert not torch.equal(noise.flatten()[:4], dropout)  # separate streams
     again = list(module.train_dataloader())
     assert [batch[1].tolist() for batch in again] == [batch[1].tolist() for batch in order]
     # Another seed gives another order; the same seed in a fresh module gives this one.

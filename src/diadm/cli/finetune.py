@@ -91,6 +91,34 @@ def _sample(module: Any, num_images: int, generator: Any, num_inference_steps: i
     return module.sample(num_images, generator, num_inference_steps=num_inference_steps)
 
 
+def _last_checkpoint(path: Path, every: int) -> Any:
+    """A callback that writes `path` every `every` optimizer steps and at the final step.
+
+    It saves from `on_train_batch_end`, where `ModelCheckpoint` saves, and not after `fit`: Lightning resumes a
+    checkpoint written after `fit` as if in the middle of an epoch, and its data order then departs from an
+    uninterrupted run's, while one written at the end of an epoch's last batch resumes exactly (with the module's
+    `seed`). `ModelCheckpoint(save_last=True)` alone would miss the final steps when they are no multiple of `every`.
+    """
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from typing_extensions import override
+
+    class LastCheckpoint(Callback):
+        def __init__(self) -> None:
+            self.saved_step = -1
+
+        @override
+        def on_train_batch_end(
+            self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            step = trainer.global_step
+            final = trainer.max_steps is not None and step >= trainer.max_steps
+            if step != self.saved_step and (step % every == 0 or final):
+                trainer.save_checkpoint(path)
+                self.saved_step = step
+
+    return LastCheckpoint()
+
+
 def _resume_path(resume: str | None, out: Path) -> Path | None:
     if resume is None:
         return None
@@ -151,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. Trainer: logger, checkpoints, optional IRS.
     logger = _logger(args.logger, out)
-    every = args.checkpoint_every
-    callbacks: list[Any] = [ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=every, save_last=True)]
+    callbacks: list[Any] = [ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args.checkpoint_every)]
     if args.irs_every is not None:
         from diadm.callback import IRSCallback
 
@@ -167,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
                 log_images=logger is not False,
             )
         )
+    # Last, so that the IRS of a step is in the checkpoint of that step.
+    callbacks.append(_last_checkpoint(out / "checkpoints" / "last.ckpt", args.checkpoint_every))
     trainer = Trainer(
         max_steps=args.max_steps,
         accelerator=args.accelerator,
@@ -179,9 +208,6 @@ def run(args: argparse.Namespace) -> int:
         log_every_n_steps=max(1, min(50, args.max_steps, -(-images.shape[0] // args.batch_size))),
     )
     trainer.fit(module, ckpt_path=resume)
-    if trainer.global_step % args.checkpoint_every != 0:
-        # ModelCheckpoint saves every `--checkpoint-every` steps only: keep the last steps resumable too.
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
 
     # 3. The EMA weights as a pipeline.
     saved = module.save(out / "pipeline")

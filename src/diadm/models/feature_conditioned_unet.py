@@ -228,6 +228,7 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
         return_dict: bool = True,
         *,
         embedding: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> UNet2DOutput | tuple:
         """Predict with the wrapped UNet, conditioned on `features`.
 
@@ -239,6 +240,8 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
             embedding: A precomputed `condition_embedding` of shape (batch, embedding width), used as it is (no
                 condition dropout) instead of `features`. Samplers compute it once rather than at every step, and
                 can mix conditional and null rows in one batch.
+            generator: Draws the condition-dropout decisions in training mode (on its device, then moved to the
+                model's); None uses the global generator.
 
         Returns:
             A `UNet2DOutput` (or tuple) holding the prediction of the wrapped UNet, shaped like `sample`.
@@ -262,7 +265,8 @@ class FeatureConditionedUNet(ModelMixin, ConfigMixin):  # type: ignore[misc]  # 
         embedding = self.condition_embedding(features, batch_size)
         probability = float(self.config["condition_dropout"])
         if self.training and features is not None and probability > 0.0:
-            dropped = torch.rand(batch_size, device=embedding.device) < probability
+            device = generator.device if generator is not None else embedding.device
+            dropped = torch.rand(batch_size, generator=generator, device=device).to(embedding.device) < probability
             null = self.null_embedding.to(embedding.dtype)[None].expand_as(embedding)
             embedding = torch.where(dropped[:, None], null, embedding)
         return self.unet(sample, timestep, class_labels=embedding, return_dict=return_dict)

@@ -17,7 +17,7 @@ from diadm.features import (
     get_feature_extractor,
     register_feature_extractor,
 )
-from diadm.features.base import to_unit_float
+from diadm.features.base import PretrainedFeatures, to_unit_float
 
 
 def _uint8_images(n: int, c: int, h: int, w: int) -> torch.Tensor:
@@ -130,6 +130,85 @@ def test_pixels_width_known_from_size_and_grayscale_else_from_first_batch():
 def test_pixels_rejects_bad_size(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         PixelFeatures(**kwargs)
+
+
+class _TinyPretrained(PretrainedFeatures):
+    name, num_features = "tiny", 2
+
+    def preprocess(self, imgs: torch.Tensor) -> torch.Tensor:
+        return imgs
+
+
+def _tiny_network() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _swav_with(**kwargs):
+    from diadm.features.swav import SwAVFeatures
+
+    return SwAVFeatures(pretrained=False, **kwargs)
+
+
+# every `Raises:` entry of the extractor constructors and helpers that no other test reaches
+_CONSTRUCTION_ERRORS = [
+    pytest.param(
+        lambda: _TinyPretrained(_tiny_network(), pretrained=False, autocast_dtype="bf16"),
+        TypeError,
+        "`autocast_dtype` must be a torch.dtype or None, got str.",
+        id="autocast-str",
+    ),
+    pytest.param(lambda: _swav_with(size=2.5), TypeError, "`size` must be an int, got float.", id="swav-size-float"),
+    pytest.param(lambda: _swav_with(size=0), ValueError, "`size` must be a positive integer, got 0.", id="swav-size-0"),
+    pytest.param(
+        lambda: register_feature_extractor(3, PixelFeatures), TypeError, "`name` must be a string, got int.", id="name"
+    ),
+    pytest.param(
+        lambda: register_feature_extractor("", PixelFeatures),
+        ValueError,
+        "`name` must be a non-empty string, got ''.",
+        id="empty-name",
+    ),
+    pytest.param(
+        lambda: CallableFeatures(3), TypeError, "`feature` must be an nn.Module or a callable, got int.", id="fn"
+    ),
+    pytest.param(
+        lambda: CallableFeatures(nn.Flatten(), num_features=2.0),
+        TypeError,
+        "`num_features` must be an int, got float.",
+        id="num-features-float",
+    ),
+    pytest.param(
+        lambda: CallableFeatures(nn.Flatten(), num_features=0),
+        ValueError,
+        "`num_features` must be a positive integer, got 0.",
+        id="num-features-0",
+    ),
+    pytest.param(
+        lambda: CallableFeatures(lambda imgs: imgs.flatten(1).tolist(), num_features=3)(torch.zeros(1, 3, 1, 1)),
+        TypeError,
+        "the wrapped feature extractor `function` must return a tensor, got list.",
+        id="returns-list",
+    ),
+    pytest.param(
+        lambda: extractor_fingerprint(3),
+        TypeError,
+        "`extractor` must be an nn.Module or a callable, got int.",
+        id="fingerprint",
+    ),
+    pytest.param(
+        lambda: get_feature_extractor(PixelFeatures(size=2), size=4),
+        ValueError,
+        "`weights` and keyword arguments apply to named extractors only; got a ready PixelFeatures with weights=None"
+        " and ['size']. Configure it when you build it.",
+        id="ready-extractor-kwargs",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "error", "message"), _CONSTRUCTION_ERRORS)
+def test_construction_errors(build, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        build()
 
 
 def test_empty_batch_gives_empty_features():

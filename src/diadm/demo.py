@@ -478,7 +478,8 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool) -> DemoResult
     held_out_estimate = None
     for name in MODEL_NAMES:
         conditional = name == "diadm"
-        # 2. The same initial weights, data order and noise for both models.
+        # 2. The same initial weights for both models. The module's `seed` is not passed (the reported numbers were
+        # made without it), so the two runs draw data order and noise from the global stream, and see different ones.
         seed_everything(seed, verbose=False)
         scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
         module = DiADMModule(

@@ -15,7 +15,7 @@ from torch import nn
 from diadm._imports import MATPLOTLIB_AVAILABLE, SKLEARN_AVAILABLE
 from diadm.estimator import estimate_irs
 from diadm.functional import image_retrieval_score
-from diadm.metric import ImageRetrievalScore, _communication_device, _count_duplicate_rows
+from diadm.metric import ImageRetrievalScore, _communication_device, _count_duplicate_rows, _gather_states
 
 SCORE_KEYS = ("irs_alpha", "irs_inf", "irs_inf_lower", "irs_inf_upper")
 COUNT_KEYS = ("n_train", "n_samples", "n_learned")
@@ -471,6 +471,39 @@ def test_indices_remove_repeated_rows_and_restore_index_order():
 )
 def test_count_duplicate_rows(rows, expected):
     assert _count_duplicate_rows(rows) == expected
+
+
+def test_indices_from_only_some_processes_are_refused():
+    # a stand-in for two ranks where the second passed no `indices`: its rows arrive, its indices do not
+    def sync(tensor, group=None):
+        return [tensor] if tensor.dtype == torch.int64 else [tensor, tensor]
+
+    metric = ImageRetrievalScore(feature=None, dist_sync_fn=sync, distributed_available_fn=lambda: True)
+    metric.update_features(torch.randn(5, 3), real=True, indices=torch.arange(5))
+    metric.update_features(torch.randn(4, 3), real=False)
+    message = (
+        "`indices` were passed for 5 of 10 real training rows: some processes (or updates) passed `indices` and"
+        " others did not; pass them everywhere or nowhere."
+    )
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        metric.compute()
+
+
+def test_gather_refuses_states_of_another_width(monkeypatch):
+    # two ranks whose extractors disagree: the header exchange must catch it before the rows are gathered
+    def all_gather(out, header, group=None):
+        out[0].copy_(header)
+        out[1].copy_(header + torch.tensor([0, 0, 1, 0]))
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+    message = (
+        "`ImageRetrievalScore` states differ between processes (2-D torch.float32 of width 4, 2-D torch.float32 of"
+        " width 5); every process must use the same feature extractor and `feature_dtype`."
+    )
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _gather_states(torch.randn(3, 4), group="fake-group")
 
 
 def test_nccl_gathers_through_the_current_gpu(monkeypatch):

@@ -464,6 +464,8 @@ class IRSCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        # A new fit starts at its own step 0; a checkpoint's state, restored after `setup`, sets the step back.
+        self.last_evaluated_step = None
         self._sampler_name, self._sampler = self._resolve_sampler(pl_module)
         callbacks = getattr(trainer, "callbacks", [])  # set by the trainer at run time, absent from its annotations
         twins = [other for other in callbacks if isinstance(other, IRSCallback) and other.prefix == self.prefix]

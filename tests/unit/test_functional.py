@@ -203,6 +203,12 @@ FUNCTIONAL_ERRORS = [
     pytest.param({"seed": 1.5}, TypeError, "`seed` must be an integer, got 1.5 (float).", id="seed"),
     pytest.param({"alpha_e": 0.7}, ValueError, "`alpha_e` must lie in the open interval (0, 0.5), got 0.7", id="alpha"),
     pytest.param({"backend": "gpu"}, ValueError, "`backend` must be one of ('auto', 'faiss', 'torch')", id="backend"),
+    pytest.param(
+        {"max_memory_bytes": 2.5e8},
+        TypeError,
+        "`max_memory_bytes` must be a positive integer, got 250000000.0 (float)",
+        id="memory-float",
+    ),
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diadm import _imports
-from diadm.retrieval import ExactIndex, nearest_neighbors, validate_features
+from diadm.retrieval import ExactIndex, _block_shape, nearest_neighbors, validate_features
 
 BACKENDS = [
     "torch",
@@ -61,6 +61,22 @@ def test_all_reference_rows_identical_goes_to_row_zero(backend):
     indices, distances = nearest_neighbors(queries, reference, backend=backend, max_memory_bytes=64)
     assert indices.tolist() == [0, 0]
     assert distances.tolist() == [14.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("num_queries", "num_reference", "budget", "expected"),
+    [
+        pytest.param(20_000, 5_000, 256 * 2**20, (6710, 5000), id="default-budget-splits-queries"),
+        pytest.param(100, 50, 256 * 2**20, (100, 50), id="everything-in-one-block"),
+        pytest.param(1_000, 1_000_000, 2**20, (362, 362), id="huge-reference-splits-both"),
+        pytest.param(3, 7, 1, (1, 1), id="budget-below-one-element"),
+    ],
+)
+def test_block_shape_stays_within_the_byte_budget(num_queries, num_reference, budget, expected):
+    # one block costs 8 bytes per element (the float32 distances and one temporary): never more than the budget
+    query_block, reference_block = _block_shape(num_queries, num_reference, budget)
+    assert (query_block, reference_block) == expected
+    assert query_block * reference_block * 8 <= max(budget, 8)
 
 
 def test_tiny_memory_budget_equals_one_shot(rng):

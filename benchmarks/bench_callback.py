@@ -11,6 +11,7 @@ Run: `.venv/bin/python benchmarks/bench_callback.py` (about a minute on two CPU 
 """
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the trainers' banners would split the tables
     torch.manual_seed(0)
     if args.quick:
         overhead(num_samples=32, num_steps=2, epochs=2)

@@ -217,7 +217,8 @@ class ImageRetrievalScore(Metric):
         feature: A name from `diadm.features.available_feature_extractors()` ("swav", the paper's choice,
             "inception", "pixels"), an `nn.Module` or a callable mapping float images in [0, 1] of shape
             (N, C, H, W) to (N, D) features (see `diadm.features.get_feature_extractor`), or None to use
-            `update_features` only. A module becomes a submodule, so it moves with `.to(device)`.
+            `update_features` only. A module becomes a submodule, so it moves with `.to(device)`; it receives the
+            images as passed (no resize, no grayscale-to-RGB repeat, no normalisation), so it must include them.
         reset_real_features: Whether `reset()` also drops the real training and held-out features. Set it to False
             when the real data do not change between evaluations: their features, and the reference index built
             from them, are then kept.

@@ -135,6 +135,15 @@ def _rank_share(total: int, world_size: int, rank: int) -> int:
     return total // world_size + (1 if rank < total % world_size else 0)
 
 
+def _rank_zero_rows(round_sizes: Sequence[int], world_size: int, limit: int) -> Tensor:
+    """The first `limit` positions of rank 0's samples among the gathered ones (by round, ranks in order)."""
+    rows, offset = [], 0
+    for size in round_sizes:
+        rows.append(torch.arange(offset, offset + _rank_share(size, world_size, 0)))
+        offset += size
+    return torch.cat(rows)[:limit]
+
+
 @contextmanager
 def _isolated_rng(device: torch.device) -> Iterator[None]:
     """Run the body without changing Python's, NumPy's or torch's global random state (CPU and `device`)."""
@@ -610,16 +619,19 @@ class IRSCallback(Callback):
             generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
             counts = torch.zeros(self._index.num_reference, dtype=torch.int64)
             synthetic: list[Tensor] = []
-            shown: list[Tensor] = []
+            shown: list[Tensor] = []  # this rank's first `num_images` samples, for the pictures
+            round_sizes: list[int] = []
             total = 0
             while True:
                 # 1. Sample this rank's share of one round, and extract features.
                 round_size = min(self.num_samples, self.max_samples - total)
                 local_images, local_features = self._sample_round(trainer, pl_module, round_size, generator)
-                if len(shown) < self.num_images:
-                    shown.append(local_images[: self.num_images].cpu())
-                # 2. Gather the features of all ranks, in rank order (rank 0's samples come first).
+                kept = sum(images.shape[0] for images in shown)
+                if kept < self.num_images:
+                    shown.append(local_images[: self.num_images - kept].cpu())
+                # 2. Gather the features of all ranks, in rank order (rank 0's samples come first in each round).
                 features = self._gather(trainer, local_features, round_size)
+                round_sizes.append(round_size)
                 synthetic.append(features)
                 total += features.shape[0]
                 # 3. Update the retrieval counts and the estimate; stop when precise enough or at the cap.
@@ -641,7 +653,8 @@ class IRSCallback(Callback):
             metrics = self._metrics(result, synthetic_features)
         self._log_metrics(trainer, pl_module, metrics, on_step=on_step, logger_step=logger_step)
         if self.log_images and trainer.is_global_zero:
-            self._log_pictures(trainer, torch.cat(shown)[: self.num_images], result, logger_step)
+            rows = _rank_zero_rows(round_sizes, trainer.world_size, self.num_images)
+            self._log_pictures(trainer, torch.cat(shown)[: rows.numel()], rows, result, logger_step)
 
     def _prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Build the extractor, the real and held-out features, the index and FID's real statistics once."""
@@ -858,7 +871,8 @@ class IRSCallback(Callback):
         self.last_evaluated_step = step
         log.debug("IRSCallback step %d: %s", step, metrics)
 
-    def _log_pictures(self, trainer: "pl.Trainer", shown: Tensor, result: IRSResult, step: int) -> None:
+    def _log_pictures(self, trainer: "pl.Trainer", shown: Tensor, rows: Tensor, result: IRSResult, step: int) -> None:
+        """Log the picture grids and the histogram; `rows` are the positions of `shown` among all the samples."""
         columns = max(1, math.isqrt(self.num_images))
         pictures = {"samples": _make_grid(_as_display(shown), columns)}
         if self._real_lookup is None:
@@ -869,8 +883,7 @@ class IRSCallback(Callback):
                 " pass `real_data=` as a tensor, a map-style Dataset or a DataLoader over one to get them.",
             )
         else:
-            # Rank 0's samples come first in the gathered order, so row i of `shown` retrieved nearest[i].
-            nearest = result.nearest_train_index[: shown.shape[0]].tolist()
+            nearest = result.nearest_train_index[rows].tolist()
             retrieved = torch.stack([_as_display(self._real_lookup(i)[None])[0] for i in nearest])
             pairs = torch.stack([_as_display(shown), retrieved], dim=1).flatten(0, 1)  # (2N, 3, H, W)
             pictures["samples_and_retrieved"] = _make_grid(pairs, 2 * columns)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from diadm.callback import IRSCallback, _check_images, _default_batch_to_images, _rank_share
+from diadm.callback import IRSCallback, _check_images, _default_batch_to_images, _rank_share, _rank_zero_rows
 from diadm.estimator import estimate_irs
 from diadm.features import PixelFeatures
 
@@ -184,6 +184,7 @@ def callback(**kwargs) -> IRSCallback:
         ),
         ({"target_ci_width": "0.1"}, ValueError, "`target_ci_width` must be in (0, 1] (a width of the `irs_inf`"),
         ({"sample_batch_size": 0}, ValueError, "`sample_batch_size` must be a positive integer, got 0."),
+        ({"num_images": 0}, ValueError, "`num_images` must be a positive integer, got 0."),
         ({"prefix": None}, TypeError, "`prefix` must be a string, got NoneType."),
         ({"compute_fid": "no"}, TypeError, "`compute_fid` must be a bool, got 'no' (str)."),
         ({"log_images": 1}, TypeError, "`log_images` must be a bool, got 1 (int)."),
@@ -208,6 +209,7 @@ def callback(**kwargs) -> IRSCallback:
         "max-float",
         "width-str",
         "batch-0",
+        "num-images-0",
         "prefix",
         "compute-fid-str",
         "log-images-int",
@@ -291,6 +293,42 @@ def test_validate_outside_fit_leaves_the_callback_idle(tmp_path):
     assert irs.history == []
 
 
+def test_pictures_pair_each_sample_with_its_nearest_training_image(tmp_path, monkeypatch):
+    import diadm.callback
+
+    grids: list[torch.Tensor] = []
+    make_grid = diadm.callback._make_grid
+    monkeypatch.setattr(
+        diadm.callback, "_make_grid", lambda images, columns: grids.append(images) or make_grid(images, columns)
+    )
+    real = real_images()
+    returned: list[torch.Tensor] = []
+
+    def sample_fn(pl_module, num_images, generator):
+        picks = torch.randint(0, NUM_REAL, (num_images,), generator=generator)
+        returned.append((real[picks] + 0.01 * torch.rand(num_images, 1, SIDE, SIDE, generator=generator)).clamp(0, 1))
+        return returned[-1]
+
+    # Rounds of 4 until the cap of 12: the 6 pictured samples span two rounds.
+    irs = callback(
+        log_images=True,
+        real_data=real,
+        sample_fn=sample_fn,
+        num_samples=4,
+        num_images=6,
+        target_ci_width=1e-6,
+        max_samples=12,
+        compute_fid=False,
+    )
+    make_trainer(tmp_path, [irs], logger=TensorBoardLogger(tmp_path)).fit(ToyGenerator(real))
+    samples, pairs = grids[0], grids[1]
+    expected = torch.cat(returned)[:6]
+    nearest = torch.cdist(expected.flatten(1).double(), real.flatten(1).double()).argmin(dim=1)
+    assert torch.equal(samples[:, :1], expected)  # grey images shown as three equal channels
+    assert torch.equal(pairs[0::2, :1], expected)
+    assert torch.equal(pairs[1::2, :1], real[nearest])
+
+
 def test_precomputed_real_features_skip_lookup_pictures_with_a_warning(tmp_path):
     features = PixelFeatures()(real_images())
     irs = callback(log_images=True, real_features=features)
@@ -311,6 +349,20 @@ def test_precomputed_real_features_skip_lookup_pictures_with_a_warning(tmp_path)
 def test_rank_share(total, world, shares):
     assert [_rank_share(total, world, rank) for rank in range(world)] == shares
     assert sum(shares) == total
+
+
+@pytest.mark.parametrize(
+    ("round_sizes", "world", "limit", "rows"),
+    [
+        ([6, 6, 3], 1, 10, list(range(10))),
+        ([5, 5], 2, 16, [0, 1, 2, 5, 6, 7]),  # 3 + 2 per round: rank 1's rows 3, 4, 8, 9 are skipped
+        ([5, 5], 2, 4, [0, 1, 2, 5]),
+        ([1, 1], 2, 4, [0, 1]),
+    ],
+    ids=["one-rank", "two-ranks-two-rounds", "limit", "rank-one-empty"],
+)
+def test_rank_zero_rows(round_sizes, world, limit, rows):
+    assert _rank_zero_rows(round_sizes, world, limit).tolist() == rows
 
 
 def test_default_batch_to_images():

@@ -266,7 +266,8 @@ class IRSCallback(Callback):
         the module (no sampling source, no logger that takes pictures, no validation loop for
         `evaluate_on="validation_epoch_end"`, two callbacks with one `prefix`, missing extractor weights) fails in
         `setup`, before the first training step. The callback evaluates only during `fit`: `trainer.validate()`
-        leaves it idle.
+        leaves it idle. One callback passed to a second `fit` keeps its history and the real and held-out features
+        of the first (they are not extracted again); build a new `IRSCallback` for another data set.
 
     Note:
         Steps. Scalars and pictures go to every logger under the step at which Lightning files the training loss

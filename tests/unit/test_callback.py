@@ -572,12 +572,16 @@ def test_resume_from_checkpoint_keeps_history_and_skips_the_evaluated_step(tmp_p
     assert second.history[0] == first.history[0]
 
 
-def test_a_second_fit_with_the_same_callback_evaluates_again(tmp_path):
-    irs = callback(real_data=real_images(), compute_fid=False)
+def test_a_second_fit_with_the_same_callback_evaluates_again_on_the_first_real_features(tmp_path):
+    extractor = CountingPixels()
+    irs = IRSCallback(num_samples=4, feature=extractor, log_images=False, compute_fid=False)
     make_trainer(tmp_path, [irs]).fit(ToyGenerator(real_images()))
-    make_trainer(tmp_path, [irs]).fit(ToyGenerator(real_images()))
-    # The new fit's epoch 0 ends at step 3 too, and is not taken for the step already evaluated; the history runs on.
+    assert extractor.seen == NUM_REAL + 4
+    make_trainer(tmp_path, [irs]).fit(ToyGenerator(real_images(seed=1)))
+    # The new fit's epoch 0 ends at step 3 too, and is not taken for the step already evaluated; the history runs
+    # on, and the real features of the first fit are kept (documented): only the 4 new samples are extracted.
     assert [entry["global_step"] for entry in irs.history] == [3, 3]
+    assert extractor.seen == NUM_REAL + 4 + 4
 
 
 def test_two_instances_coexist_in_one_checkpoint(tmp_path):

@@ -32,7 +32,7 @@ from typing_extensions import override
 
 from diadm._imports import WANDB_AVAILABLE
 from diadm.cache import FeatureCache, cached, fingerprint
-from diadm.estimator import estimate_irs
+from diadm.estimator import check_alpha_e, estimate_irs
 from diadm.features import extractor_fingerprint, get_feature_extractor
 from diadm.functional import IRSResult, image_retrieval_score
 from diadm.retrieval import ExactIndex
@@ -417,8 +417,7 @@ class IRSCallback(Callback):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r} ({type(flag).__name__}).")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int, got {seed!r} ({type(seed).__name__}).")
-        # The estimator's own rule for `alpha_e`, checked now rather than after the first training epoch.
-        estimate_irs(1, 1, 1, alpha_e=alpha_e)
+        check_alpha_e(alpha_e)  # the estimator's own rule, checked now rather than after the first training epoch
 
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs

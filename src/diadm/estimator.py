@@ -81,6 +81,21 @@ def _check_inputs(
             " every query retrieves exactly one training image, so at least one and at most"
             " min(n_samples, n_train) distinct images are learned."
         )
+    return n_train, n_samples, n_learned, check_alpha_e(alpha_e)
+
+
+def check_alpha_e(alpha_e: object) -> float:
+    """Return `alpha_e` as a float when it is a valid error probability of a one-sided bound, in (0, 0.5).
+
+    Callers that take `alpha_e` long before they estimate anything (the metric, the callback) use this to fail early.
+
+    Raises:
+        ValueError: If `alpha_e` is not a real number in the open interval (0, 0.5).
+
+    Example:
+        >>> check_alpha_e(0.05)
+        0.05
+    """
     if isinstance(alpha_e, bool | np.bool_) or not isinstance(alpha_e, numbers.Real):
         raise ValueError(
             f"`alpha_e` must be a float in (0, 0.5), got {alpha_e!r} ({type(alpha_e).__name__}); the default is 0.05."
@@ -88,7 +103,7 @@ def _check_inputs(
     alpha_e = float(alpha_e)
     if not 0.0 < alpha_e < 0.5:
         raise ValueError(f"`alpha_e` must lie in the open interval (0, 0.5), got {alpha_e!r}; the default is 0.05.")
-    return n_train, n_samples, n_learned, alpha_e
+    return alpha_e
 
 
 @functools.lru_cache(maxsize=_EXACT_MAX_N)

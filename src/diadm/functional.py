@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diadm.estimator import IRSEstimate, estimate_irs
+from diadm.estimator import IRSEstimate, check_alpha_e, estimate_irs
 from diadm.retrieval import DEFAULT_MAX_MEMORY_BYTES, ExactIndex, validate_features
 
 
@@ -143,8 +143,7 @@ def image_retrieval_score(
         >>> int(result.retrieval_counts.sum()), result.num_subsets
         (100, 1)
     """
-    # fail on a bad `alpha_e` before the retrieval runs: the estimator applies its own rule to a trivial input
-    estimate_irs(1, 1, 1, alpha_e=alpha_e)
+    check_alpha_e(alpha_e)  # the estimator's own rule, checked before the retrieval runs
     seed = _check_seed(seed)
     train = validate_features("train_features", train_features)
     synthetic = validate_features("synthetic_features", synthetic_features)

@@ -16,7 +16,7 @@ from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE, plot_single_or
 from typing_extensions import override
 
 from diadm._imports import MATPLOTLIB_AVAILABLE, require
-from diadm.estimator import estimate_irs
+from diadm.estimator import check_alpha_e
 from diadm.features import get_feature_extractor
 from diadm.functional import image_retrieval_score
 from diadm.retrieval import BACKENDS, DEFAULT_MAX_MEMORY_BYTES, Backend, ExactIndex, validate_features
@@ -326,8 +326,7 @@ class ImageRetrievalScore(Metric):
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__}).")
-        # the estimator's own rule for `alpha_e`, checked now rather than at the first compute()
-        estimate_irs(1, 1, 1, alpha_e=alpha_e)
+        check_alpha_e(alpha_e)  # the estimator's own rule, checked now rather than at the first compute()
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int, got {seed!r} ({type(seed).__name__}).")
         if feature_dtype not in FEATURE_DTYPES:

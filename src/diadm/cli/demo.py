@@ -6,17 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
+from diadm.cli._arguments import positive_int
+
 DEFAULT_OUT = "diadm-demo"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a small run for CI and a first look (under a minute)")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default: ./{DEFAULT_OUT})")
     parser.add_argument(
-        "--steps", type=_positive_int, default=None, help="optimizer steps per model (default: 2000, quick: 40)"
+        "--steps", type=positive_int, default=None, help="optimizer steps per model (default: 2000, quick: 40)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, weights, training and sampling")
     parser.add_argument(
-        "--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for the tiny UNet)"
+        "--threads", type=positive_int, default=1, help="torch threads (default 1: fastest for the tiny UNet)"
     )
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
 

@@ -14,20 +14,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from diadm.cli._arguments import positive_int
+
 log = logging.getLogger(__name__)
 
 LOGGERS = ("tensorboard", "wandb", "none")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -48,22 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", default="swav", help="feature extractor name (default: swav)")
     parser.add_argument("--weights", type=Path, default=None, help="local weights file of the feature extractor")
     parser.add_argument("--out", type=Path, default=Path("diadm-finetune"), help="output folder")
-    parser.add_argument("--max-steps", type=_positive_int, default=10_000, help="optimizer steps (default: 10000)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    parser.add_argument("--max-steps", type=positive_int, default=10_000, help="optimizer steps (default: 10000)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
     parser.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up steps (default: 500)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default: 0.999)")
     parser.add_argument("--condition-dropout", type=float, default=0.1, help="condition dropout (default: 0.1)")
     parser.add_argument("--unconditional", action="store_true", help="train the unconditional baseline instead")
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS, help="Trainer precision")
-    parser.add_argument("--accumulate", type=_positive_int, default=1, help="gradient accumulation batches")
+    parser.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation batches")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (default: auto)")
     parser.add_argument("--logger", default="tensorboard", choices=LOGGERS, help="experiment logger")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=1000, help="steps between checkpoints")
     parser.add_argument("--resume", default=None, help="checkpoint to resume from, or `last` for OUT/checkpoints")
-    parser.add_argument("--irs-every", type=_positive_int, default=None, help="log IRS every N steps (IRSCallback)")
-    parser.add_argument("--irs-samples", type=_positive_int, default=1000, help="samples per IRS evaluation")
-    parser.add_argument("--num-inference-steps", type=_positive_int, default=50, help="sampling steps")
+    parser.add_argument("--irs-every", type=positive_int, default=None, help="log IRS every N steps (IRSCallback)")
+    parser.add_argument("--irs-samples", type=positive_int, default=1000, help="samples per IRS evaluation")
+    parser.add_argument("--num-inference-steps", type=positive_int, default=50, help="sampling steps")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (default: OUT/cache)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of weights, data order, noise (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -10,20 +10,12 @@ from typing import cast
 import torch
 from tqdm.auto import tqdm
 
+from diadm.cli._arguments import positive_int
+
 # --scheduler name -> diffusers scheduler class name; None keeps the scheduler saved with the pipeline.
 SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model_dir", metavar="MODEL_DIR", type=Path, help="directory written by DiADMPipeline.save_pretrained"
     )
-    parser.add_argument("--num-images", type=_positive_int, required=True, help="number of images to write")
+    parser.add_argument("--num-images", type=positive_int, required=True, help="number of images to write")
     parser.add_argument("--out", type=Path, required=True, help="output directory, created if missing")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per pipeline call (default 16)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     parser.add_argument(
         "--guidance-scale", type=float, default=1.0, help="1 (default) samples the conditional model alone"

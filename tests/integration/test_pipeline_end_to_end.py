@@ -17,15 +17,6 @@ FEATURE_DIM = 4
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny convolutions run faster on one thread than on a shared, loaded pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(in_channels: int = 3, attention: bool = True) -> UNet2DModel:
     second = ("AttnDownBlock2D", "AttnUpBlock2D") if attention else ("DownBlock2D", "UpBlock2D")
     return UNet2DModel(

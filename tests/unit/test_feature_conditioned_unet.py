@@ -15,15 +15,6 @@ from diadm.models.feature_conditioned_unet import FeatureConditionedUNet, normal
 FEATURE_DIM = 12
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny convolutions run faster on one thread than on a shared, loaded pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_unet(**overrides: object) -> UNet2DModel:
     """A tiny random unconditional UNet2DModel (one attention block, so both block kinds are covered)."""
     config = {

@@ -28,15 +28,6 @@ SCHEDULERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny convolutions run faster on one thread than on a shared, loaded pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_unet(out_channels: int = 3) -> UNet2DModel:
     return UNet2DModel(
         sample_size=8,
